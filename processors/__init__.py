@@ -1,0 +1,26 @@
+"""The attention core: the call as data, effects as middleware, kernels, and the two hosts.
+
+Framework-free modules (call, effects, reference, entropy) import only torch. The hosts import their
+framework lazily: `host_diffusers` needs diffusers; `host_comfy` needs ComfyUI only when run inside it.
+"""
+
+from .call import AttentionCall, RopeInfo, Site, StepInfo, TokenLayout
+from .effects import KEEP, STAGES, Effect, EffectStack
+from .entropy import EntropyScaling, entropy_lambda
+from .reference import reference_attention, sdpa_kernel
+
+__all__ = [
+    "AttentionCall",
+    "Effect",
+    "EffectStack",
+    "EntropyScaling",
+    "KEEP",
+    "RopeInfo",
+    "STAGES",
+    "Site",
+    "StepInfo",
+    "TokenLayout",
+    "entropy_lambda",
+    "reference_attention",
+    "sdpa_kernel",
+]

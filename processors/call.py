@@ -1,0 +1,184 @@
+"""The attention call as data: what an effect may read about one attention invocation.
+
+Everything here is framework-free. The two hosts (diffusers, ComfyUI) build an `AttentionCall`
+from their own attention code; effects only ever see this object.
+
+Canonical layout: q, k, v are ``[B, H, N, D]`` (batch, heads, tokens, head dim), after the
+projections, QK-norm and RoPE, exactly as the model would hand them to its attention kernel.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from typing import Callable, Mapping, Optional, Sequence
+
+import torch
+
+FAMILIES = ("unet", "sd3", "flux", "pixart", "wan")
+KINDS = ("self", "cross", "joint", "single")
+
+#: Row roles a host or pipeline may assign. Effects select rows by role, never by position.
+ROLES = ("cond", "uncond", "perturbed", "reference", "target", "window", "full", "other")
+
+
+@dataclass(frozen=True)
+class Site:
+    """Where in the model an attention call happens.
+
+    family: "unet" | "sd3" | "flux" | "pixart" | "wan".
+    kind:   "self" (image self-attention), "cross" (image queries, text keys),
+            "joint" (text+image concatenated, two streams: SD3, FLUX double blocks),
+            "single" (text+image as one fused stream: FLUX single blocks).
+    layer:  one global index per model, documented per family in docs/addressing.md
+            (UNet: transformer block in execution order down -> mid -> up, attn1 and attn2 share it;
+            FLUX: double blocks 0..D-1 then single blocks D..D+S-1; SD3/PixArt/Wan: block index).
+    name:   module path inside the denoiser, e.g. "down_blocks.1.attentions.0.transformer_blocks.0.attn1".
+    """
+
+    family: str
+    kind: str
+    layer: int
+    name: str = ""
+
+    @property
+    def is_cross(self) -> bool:
+        return self.kind == "cross"
+
+
+@dataclass(frozen=True)
+class TokenLayout:
+    """Which token positions along the query / key axes are text and which are image.
+
+    Spans are Python slices over the sequence axis. `grid` is the image span's token grid
+    ``(frames, rows, cols)`` in raster order, frame-major (row-major inside a frame).
+    `scale` is how many input pixels (and input frames) one token covers along each grid axis at
+    this layer, so an effect can work out the grid the same layer has at another resolution
+    (see `grid_for`). `native_grid` is the grid at the model's native (training) resolution.
+    `text_segments` optionally names sub-spans of the text span, relative to its start
+    (e.g. SD3: {"clip": slice(0, 77), "t5": slice(77, 333)}).
+    """
+
+    q_image: Optional[slice] = None
+    q_text: Optional[slice] = None
+    k_image: Optional[slice] = None
+    k_text: Optional[slice] = None
+    grid: Optional[tuple[int, int, int]] = None
+    scale: Optional[tuple[int, int, int]] = None
+    native_grid: Optional[tuple[int, int, int]] = None
+    text_first: bool = False
+    text_segments: Mapping[str, slice] = field(default_factory=dict)
+
+    @property
+    def image_tokens(self) -> int:
+        return math.prod(self.grid) if self.grid is not None else 0
+
+    @property
+    def text_tokens(self) -> int:
+        span = self.k_text if self.k_text is not None else self.q_text
+        return 0 if span is None else span.stop - span.start
+
+    def grid_for(self, size: Sequence[int]) -> tuple[int, int, int]:
+        """Token grid of this layer for an input of ``size`` = (frames, height, width) pixels.
+
+        Frames follow the causal-VAE rule ``(F - 1) // st + 1`` (st = 1 for images, so 1 frame -> 1);
+        spatial axes round up like strided convolutions and padded patchifiers do.
+        """
+        if self.scale is None:
+            raise ValueError("this call carries no pixel scale; the host could not tell the token grid")
+        frames, height, width = size
+        st, sh, sw = self.scale
+        return ((frames - 1) // st + 1, -(-height // sh), -(-width // sw))
+
+
+@dataclass(frozen=True)
+class StepInfo:
+    """Where the sampler is. Any field may be None when the host cannot know it."""
+
+    index: Optional[int] = None
+    count: Optional[int] = None
+    sigma: Optional[float] = None
+    timestep: Optional[float] = None
+
+    @property
+    def progress(self) -> Optional[float]:
+        """Fraction of the schedule done before this step, in [0, 1)."""
+        if self.index is None or not self.count:
+            return None
+        return self.index / self.count
+
+
+@dataclass(frozen=True)
+class RopeInfo:
+    """The rotary embedding that was already applied to q and k (canonical layout, sequence dim 2).
+
+    cos, sin: ``[N, D]`` tables for the call's token sequence.
+    rotate(x, cos, sin): the model's own rotation, applied to an ``[B, H, N, D]`` tensor.
+    embed(ids): optional, position ids ``[N, axes]`` -> (cos, sin), for rotations to other positions.
+    RoPE is a rotation, so rotating an already rotated tensor by the tables of an offset Δ equals RoPE
+    at position p + Δ, and rotating by (cos, -sin) undoes it.
+    """
+
+    cos: torch.Tensor
+    sin: torch.Tensor
+    rotate: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+    embed: Optional[Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]] = None
+
+    def undo(self, x: torch.Tensor, span: slice = slice(None)) -> torch.Tensor:
+        """Remove the rotation from the tokens `x` (which sit at sequence positions `span`)."""
+        return self.rotate(x, self.cos[span], -self.sin[span])
+
+    def shift(self, x: torch.Tensor, delta_ids: torch.Tensor) -> torch.Tensor:
+        """Rotate already-rotated tokens further, as if their positions moved by `delta_ids` ([N, axes])."""
+        if self.embed is None:
+            raise ValueError("this model's RoPE cannot be re-embedded at new positions")
+        cos, sin = self.embed(delta_ids)
+        return self.rotate(x, cos.to(x.device), sin.to(x.device))
+
+
+@dataclass(frozen=True)
+class AttentionCall:
+    """One attention invocation. Immutable: effects derive modified calls with `replace`."""
+
+    q: torch.Tensor
+    k: torch.Tensor
+    v: torch.Tensor
+    site: Site
+    tokens: TokenLayout = field(default_factory=TokenLayout)
+    roles: Optional[tuple[str, ...]] = None
+    step: StepInfo = field(default_factory=StepInfo)
+    mask: Optional[torch.Tensor] = None
+    scale: Optional[float] = None
+    rope: Optional[RopeInfo] = None
+
+    def replace(self, **changes) -> "AttentionCall":
+        return dataclasses.replace(self, **changes)
+
+    @property
+    def batch(self) -> int:
+        return self.q.shape[0]
+
+    @property
+    def heads(self) -> int:
+        return self.q.shape[1]
+
+    @property
+    def head_dim(self) -> int:
+        return self.q.shape[-1]
+
+    @property
+    def q_len(self) -> int:
+        return self.q.shape[-2]
+
+    @property
+    def kv_len(self) -> int:
+        return self.k.shape[-2]
+
+    def rows_with(self, *roles: str) -> list[int]:
+        """Batch rows whose role is one of `roles` (all rows count as "cond" when roles are unknown)."""
+        row_roles = self.roles if self.roles is not None else ("cond",) * self.batch
+        return [i for i, r in enumerate(row_roles) if r in roles]
+
+    def default_scale(self) -> float:
+        return self.scale if self.scale is not None else self.head_dim ** -0.5

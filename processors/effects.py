@@ -1,0 +1,118 @@
+"""Effects as middleware over one attention call, and the stack that composes them.
+
+An effect is ``effect(call, attend) -> out`` where ``attend(q, k, v, mask=KEEP, scale=KEEP, **changes)``
+is the next layer down (the next effect, or the host's own fast kernel at the bottom). `mask` and
+`scale` default to the call's own (pass None explicitly to drop a mask); `changes` are further
+`AttentionCall` fields the layers below should see (e.g. a new `tokens` layout after appending keys).
+An effect that does nothing returns ``attend(call.q, call.k, call.v)``, which keeps the output
+bit-identical to the stock model.
+
+Composition order (outermost first), by the effect's `stage`:
+
+    observe  read-only recorders (RefAM maps) see the call exactly as the model made it
+    blend    output-space blends (SoftPAG: (1-u)·attend(...) + u·v on selected heads)
+    share    key/value extension across rows (AlignedGen / StyleAligned)
+    mask     key restriction (Attentive Eraser)
+    scale    logit scaling (entropy scaling scales q)
+    kernel   replacement kernels (FreeSwim's windowed attention), directly above the host's kernel
+
+Effects of the same stage run in the order they were given.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Optional, Protocol, Sequence
+
+import torch
+
+from .call import AttentionCall, Site
+
+STAGES = ("observe", "blend", "share", "mask", "scale", "kernel")
+
+
+class _Keep:
+    def __repr__(self) -> str:
+        return "KEEP"
+
+
+#: Default for `attend`'s mask/scale: keep the call's own value.
+KEEP = _Keep()
+
+Attend = Callable[..., torch.Tensor]
+Kernel = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, Optional[torch.Tensor], Optional[float]], torch.Tensor]
+
+
+class Effect:
+    """Base class. Subclasses set `stage`, override `applies` (a static filter on the site, evaluated
+    once when the effect is installed) and `__call__`."""
+
+    stage: str = "kernel"
+    name: str = "effect"
+
+    def applies(self, site: Site) -> bool:
+        return True
+
+    def __call__(self, call: AttentionCall, attend: Attend) -> torch.Tensor:  # pragma: no cover - interface
+        return attend(call.q, call.k, call.v)
+
+    def validate(self) -> None:
+        """Raise ValueError for bad parameters. Called by hosts before anything is patched."""
+
+
+class EffectLike(Protocol):
+    stage: str
+
+    def applies(self, site: Site) -> bool: ...
+
+    def __call__(self, call: AttentionCall, attend: Attend) -> torch.Tensor: ...
+
+
+def ordered(effects: Sequence[EffectLike]) -> list[EffectLike]:
+    """Effects sorted by stage (stable inside a stage). Raises on an unknown stage."""
+    for e in effects:
+        if getattr(e, "stage", None) not in STAGES:
+            raise ValueError(f"effect {e!r} has stage {getattr(e, 'stage', None)!r}; expected one of {STAGES}")
+    return sorted(effects, key=lambda e: STAGES.index(e.stage))
+
+
+class EffectStack:
+    """The effects that apply at one site, in composition order, over a host kernel."""
+
+    __slots__ = ("effects",)
+
+    def __init__(self, effects: Sequence[EffectLike]):
+        self.effects = tuple(ordered(effects))
+
+    @classmethod
+    def for_site(cls, effects: Sequence[EffectLike], site: Site) -> "EffectStack":
+        return cls([e for e in effects if e.applies(site)])
+
+    def __bool__(self) -> bool:
+        return bool(self.effects)
+
+    def __len__(self) -> int:
+        return len(self.effects)
+
+    def run(self, call: AttentionCall, kernel: Kernel) -> torch.Tensor:
+        """Run the stack on `call`; `kernel(q, k, v, mask, scale)` is the host's attention."""
+        return _layer(self.effects, 0, kernel)(call)
+
+
+def _layer(effects, i: int, kernel: Kernel):
+    """Build the function that runs effects[i:] on a call."""
+    if i == len(effects):
+        return lambda call: kernel(call.q, call.k, call.v, call.mask, call.scale)
+    effect = effects[i]
+    inner = _layer(effects, i + 1, kernel)
+
+    def run(call: AttentionCall) -> torch.Tensor:
+        def attend(q, k, v, mask=KEEP, scale=KEEP, **changes):
+            if mask is not KEEP:
+                changes["mask"] = mask
+            if scale is not KEEP:
+                changes["scale"] = scale
+            return inner(call.replace(q=q, k=k, v=v, **changes))
+
+        return effect(call, attend)
+
+    return run

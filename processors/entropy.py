@@ -1,0 +1,102 @@
+"""Attention-entropy scaling (Jin et al., NeurIPS 2023, arXiv 2306.08645).
+
+Self-attention logits are multiplied by ``λ = sqrt(ln N / ln T)`` per layer, where N is the key count
+of the call and T the key count the same layer has at the training resolution. Implemented as
+``q·λ`` so it works on every attention backend; cross-attention is never touched, and at N == T the
+call passes through untouched (bit-exact). `strength` s generalises the exponent, ``λ = (ln N / ln T)^(s/2)``:
+s = 1 is the paper, s = 0 is off.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional, Sequence
+
+from .call import AttentionCall, Site
+from .effects import Attend, Effect
+
+TOKEN_COUNTS = ("joint", "image")
+
+
+def entropy_lambda(n: int, t: int, strength: float = 1.0) -> float:
+    """λ = (ln n / ln t)^(strength/2); 1.0 when n == t. Key counts below 2 are clamped to 2 so ln > 0."""
+    n, t = max(int(n), 2), max(int(t), 2)
+    if n == t or strength == 0:
+        return 1.0
+    return (math.log(n) / math.log(t)) ** (0.5 * strength)
+
+
+def _size3(size) -> Optional[tuple[int, int, int]]:
+    if size is None:
+        return None
+    if isinstance(size, (int, float)):
+        size = (int(size), int(size))
+    size = tuple(int(s) for s in size)
+    if len(size) == 2:
+        size = (1,) + size
+    if len(size) != 3 or min(size) < 1:
+        raise ValueError(
+            f"train_size must be a positive int, (height, width) or (frames, height, width) in pixels; got {size!r}"
+        )
+    return size
+
+
+class EntropyScaling(Effect):
+    """Scale self/joint attention logits so attention entropy stays near its training value.
+
+    strength:    exponent multiplier s in λ = (ln N / ln T)^(s/2); 1 = the paper, 0 = off. Range [0, 4].
+    train_size:  training resolution in pixels, an int, (height, width) or (frames, height, width);
+                 None = the model's native size as reported by the host (diffusers config / ComfyUI family).
+    token_count: "joint" (default) counts every key of the call, text included, for joint/single
+                 attention (SD3, FLUX); "image" counts image tokens only (text keys still attended).
+    """
+
+    stage = "scale"
+    name = "entropy_scaling"
+
+    def __init__(self, strength: float = 1.0, train_size=None, token_count: str = "joint"):
+        self.strength = float(strength)
+        self.train_size = _size3(train_size)
+        self.token_count = token_count
+        self.validate()
+
+    def validate(self) -> None:
+        if not (0.0 <= self.strength <= 4.0) or math.isnan(self.strength):
+            raise ValueError(f"strength must be in [0, 4]; got {self.strength}")
+        if self.token_count not in TOKEN_COUNTS:
+            raise ValueError(f"token_count must be one of {TOKEN_COUNTS}; got {self.token_count!r}")
+
+    def applies(self, site: Site) -> bool:
+        return site.kind != "cross" and self.strength != 0.0
+
+    def counts(self, call: AttentionCall) -> tuple[int, int]:
+        """(N, T) for this call: current and training-resolution key counts."""
+        tokens = call.tokens
+        if tokens.grid is None or tokens.k_image is None:
+            raise ValueError(f"entropy scaling needs the image token grid at {call.site.name or call.site}")
+        train_grid = tokens.grid_for(self.train_size) if self.train_size else tokens.native_grid
+        if train_grid is None:
+            raise ValueError("entropy scaling needs a training size: pass train_size=(height, width)")
+        t_image = math.prod(train_grid)
+        if self.token_count == "image":
+            return tokens.k_image.stop - tokens.k_image.start, t_image
+        n = call.kv_len
+        return n, n - tokens.image_tokens + t_image
+
+    def lam(self, call: AttentionCall) -> float:
+        n, t = self.counts(call)
+        return entropy_lambda(n, t, self.strength)
+
+    def __call__(self, call: AttentionCall, attend: Attend):
+        lam = self.lam(call)
+        if lam == 1.0:
+            return attend(call.q, call.k, call.v)
+        return attend(call.q * lam, call.k, call.v)
+
+    def __repr__(self) -> str:
+        return f"EntropyScaling(strength={self.strength}, train_size={self.train_size}, token_count={self.token_count!r})"
+
+
+def lambda_table(train_tokens: Sequence[int], tokens: Sequence[int], strength: float = 1.0) -> list[list[float]]:
+    """λ for every (T, N) pair; handy for docs and tests."""
+    return [[entropy_lambda(n, t, strength) for n in tokens] for t in train_tokens]

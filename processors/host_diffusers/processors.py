@@ -1,0 +1,436 @@
+"""attnlab attention processors for diffusers: the stock computation up to q/k/v, then the effect stack.
+
+One class per attention family. Each reproduces its diffusers 0.42.1 counterpart op for op
+(`AttnProcessor2_0`, `JointAttnProcessor2_0`, `FluxAttnProcessor`, `WanAttnProcessor`), so an empty
+stack is bit-identical to stock; with effects, the q/k/v handed to the kernel become an
+`AttentionCall` in the canonical ``[B, H, N, D]`` layout. FLUX and Wan keep `_attention_backend` and
+`_parallel_config` so `set_attention_backend` keeps working.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from diffusers.models.attention_dispatch import dispatch_attention_fn
+from diffusers.models.embeddings import apply_rotary_emb
+
+from ..call import AttentionCall, RopeInfo, Site, TokenLayout
+from ..effects import EffectStack
+from .model_info import Geometry
+from .run_state import RunState
+
+
+def sdpa(q, k, v, mask=None, scale=None):
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=0.0, is_causal=False, scale=scale)
+
+
+class _HostProcessor:
+    """Shared part: the site, its effect stack, the run state and token-layout bookkeeping."""
+
+    def __init__(self, site: Site, stack: EffectStack, state: RunState, original=None):
+        self.site = site
+        self.stack = stack
+        self.state = state
+        self.original = original  # the processor this one replaced (restored on removal)
+        self._layouts: dict = {}
+
+    @property
+    def geometry(self) -> Geometry:
+        return self.state.geometry
+
+    def _image_layout(self, n_image: int, **spans) -> TokenLayout:
+        """Layout whose image span has `n_image` tokens; works out this layer's grid and pixel scale."""
+        key = (n_image, self.state.grid, self.state.latent, repr(sorted(spans.items())))
+        layout = self._layouts.get(key)
+        if layout is None:
+            grid, scale = self._grid_and_scale(n_image)
+            native = None
+            if grid is not None:
+                native = TokenLayout(scale=scale).grid_for(self.geometry.native_size)
+            layout = TokenLayout(grid=grid, scale=scale, native_grid=native, **spans)
+            self._layouts[key] = layout
+        return layout
+
+    def _grid_and_scale(self, n_image: int):
+        g, grid = self.geometry, self.state.grid
+        if g.family != "unet":
+            if grid is None or math.prod(grid) != n_image:
+                return None, None
+            return grid, g.token_scale
+        if self.state.latent is None:
+            return None, None
+        _, h, w = self.state.latent
+        level = 0
+        while h * w > n_image:
+            h, w, level = -(-h // 2), -(-w // 2), level + 1
+        if h * w != n_image:
+            return None, None
+        px = g.vae_scale[1] * 2**level
+        return (1, h, w), (1, px, px)
+
+    def _call(self, q, k, v, mask, tokens, rope=None) -> AttentionCall:
+        roles = self.state.roles
+        if roles is not None and len(roles) != q.shape[0]:
+            roles = None  # a forward that bypassed the run-state hook (e.g. a direct block call)
+        return AttentionCall(q, k, v, self.site, tokens, roles, self.state.step, mask, None, rope)
+
+
+class AttnlabAttnProcessor(_HostProcessor):
+    """Legacy `Attention` (UNet self/cross, PixArt self/cross, SD3.5 attn2): mirrors `AttnProcessor2_0`."""
+
+    def __call__(
+        self,
+        attn,
+        hidden_states: torch.Tensor,
+        encoder_hidden_states: Optional[torch.Tensor] = None,
+        attention_mask: Optional[torch.Tensor] = None,
+        temb: Optional[torch.Tensor] = None,
+        *args,
+        **kwargs,
+    ) -> torch.Tensor:
+        residual = hidden_states
+        if attn.spatial_norm is not None:
+            hidden_states = attn.spatial_norm(hidden_states, temb)
+
+        input_ndim = hidden_states.ndim
+        if input_ndim == 4:
+            batch_size, channel, height, width = hidden_states.shape
+            hidden_states = hidden_states.view(batch_size, channel, height * width).transpose(1, 2)
+
+        batch_size, sequence_length, _ = (
+            hidden_states.shape if encoder_hidden_states is None else encoder_hidden_states.shape
+        )
+        if attention_mask is not None:
+            attention_mask = attn.prepare_attention_mask(attention_mask, sequence_length, batch_size)
+            attention_mask = attention_mask.view(batch_size, attn.heads, -1, attention_mask.shape[-1])
+
+        if attn.group_norm is not None:
+            hidden_states = attn.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)
+
+        query = attn.to_q(hidden_states)
+        if encoder_hidden_states is None:
+            encoder_hidden_states = hidden_states
+        elif attn.norm_cross:
+            encoder_hidden_states = attn.norm_encoder_hidden_states(encoder_hidden_states)
+        key = attn.to_k(encoder_hidden_states)
+        value = attn.to_v(encoder_hidden_states)
+
+        inner_dim = key.shape[-1]
+        head_dim = inner_dim // attn.heads
+        query = query.view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)
+        key = key.view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)
+        value = value.view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)
+        if attn.norm_q is not None:
+            query = attn.norm_q(query)
+        if attn.norm_k is not None:
+            key = attn.norm_k(key)
+
+        if self.stack:
+            nq, nk = query.shape[2], key.shape[2]
+            if self.site.kind == "cross":
+                tokens = self._image_layout(nq, q_image=slice(0, nq), k_text=slice(0, nk))
+            else:
+                tokens = self._image_layout(nq, q_image=slice(0, nq), k_image=slice(0, nk))
+            hidden_states = self.stack.run(self._call(query, key, value, attention_mask, tokens), sdpa)
+        else:
+            hidden_states = F.scaled_dot_product_attention(
+                query, key, value, attn_mask=attention_mask, dropout_p=0.0, is_causal=False
+            )
+
+        hidden_states = hidden_states.transpose(1, 2).reshape(batch_size, -1, attn.heads * head_dim)
+        hidden_states = hidden_states.to(query.dtype)
+        hidden_states = attn.to_out[0](hidden_states)
+        hidden_states = attn.to_out[1](hidden_states)
+        if input_ndim == 4:
+            hidden_states = hidden_states.transpose(-1, -2).reshape(batch_size, channel, height, width)
+        if attn.residual_connection:
+            hidden_states = hidden_states + residual
+        hidden_states = hidden_states / attn.rescale_output_factor
+        return hidden_states
+
+
+class AttnlabJointAttnProcessor(_HostProcessor):
+    """SD3 joint attention (image first, then text): mirrors `JointAttnProcessor2_0`."""
+
+    def __call__(
+        self,
+        attn,
+        hidden_states: torch.Tensor,
+        encoder_hidden_states: torch.Tensor = None,
+        attention_mask: Optional[torch.Tensor] = None,
+        *args,
+        **kwargs,
+    ) -> torch.Tensor:
+        residual = hidden_states
+        batch_size = hidden_states.shape[0]
+
+        query = attn.to_q(hidden_states)
+        key = attn.to_k(hidden_states)
+        value = attn.to_v(hidden_states)
+        inner_dim = key.shape[-1]
+        head_dim = inner_dim // attn.heads
+        query = query.view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)
+        key = key.view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)
+        value = value.view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)
+        if attn.norm_q is not None:
+            query = attn.norm_q(query)
+        if attn.norm_k is not None:
+            key = attn.norm_k(key)
+
+        n_image = query.shape[2]
+        if encoder_hidden_states is not None:
+            eq = attn.add_q_proj(encoder_hidden_states)
+            ek = attn.add_k_proj(encoder_hidden_states)
+            ev = attn.add_v_proj(encoder_hidden_states)
+            eq = eq.view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)
+            ek = ek.view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)
+            ev = ev.view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)
+            if attn.norm_added_q is not None:
+                eq = attn.norm_added_q(eq)
+            if attn.norm_added_k is not None:
+                ek = attn.norm_added_k(ek)
+            query = torch.cat([query, eq], dim=2)
+            key = torch.cat([key, ek], dim=2)
+            value = torch.cat([value, ev], dim=2)
+
+        if self.stack:
+            n = query.shape[2]
+            image, text = slice(0, n_image), (slice(n_image, n) if n > n_image else None)
+            tokens = self._image_layout(n_image, q_image=image, k_image=image, q_text=text, k_text=text)
+            hidden_states = self.stack.run(self._call(query, key, value, None, tokens), sdpa)
+        else:
+            hidden_states = F.scaled_dot_product_attention(query, key, value, dropout_p=0.0, is_causal=False)
+        hidden_states = hidden_states.transpose(1, 2).reshape(batch_size, -1, attn.heads * head_dim)
+        hidden_states = hidden_states.to(query.dtype)
+
+        if encoder_hidden_states is not None:
+            hidden_states, encoder_hidden_states = (
+                hidden_states[:, : residual.shape[1]],
+                hidden_states[:, residual.shape[1] :],
+            )
+            if not attn.context_pre_only:
+                encoder_hidden_states = attn.to_add_out(encoder_hidden_states)
+        hidden_states = attn.to_out[0](hidden_states)
+        hidden_states = attn.to_out[1](hidden_states)
+        if encoder_hidden_states is not None:
+            return hidden_states, encoder_hidden_states
+        return hidden_states
+
+
+class _DispatchProcessor(_HostProcessor):
+    """Processors that end in diffusers' attention dispatcher (layout ``[B, S, H, D]``)."""
+
+    _attention_backend = None
+    _parallel_config = None
+
+    def __init__(self, site, stack, state, original=None):
+        super().__init__(site, stack, state, original)
+        self._attention_backend = getattr(original, "_attention_backend", None)
+        self._parallel_config = getattr(original, "_parallel_config", None)
+
+    def _dispatch(self, q, k, v, mask, parallel_config, scale=None):
+        kwargs = {} if scale is None else {"scale": scale}
+        return dispatch_attention_fn(
+            q, k, v, attn_mask=mask, dropout_p=0.0, is_causal=False,
+            backend=self._attention_backend, parallel_config=parallel_config, **kwargs,
+        )
+
+    def _attend(self, query, key, value, mask, tokens, parallel_config, rope=None):
+        """Stock dispatch when the stack is empty; otherwise run the stack in the canonical layout."""
+        if not self.stack:
+            return self._dispatch(query, key, value, mask, parallel_config)
+
+        def kernel(q, k, v, m, scale):
+            out = self._dispatch(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), m, parallel_config, scale)
+            return out.transpose(1, 2)
+
+        call = self._call(query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2), mask, tokens(), rope)
+        return self.stack.run(call, kernel).transpose(1, 2)
+
+
+class AttnlabFluxAttnProcessor(_DispatchProcessor):
+    """FLUX double (text first, then image) and single (one fused stream) blocks: mirrors `FluxAttnProcessor`."""
+
+    def __init__(self, site, stack, state, original=None, pos_embed=None):
+        super().__init__(site, stack, state, original)
+        self.pos_embed = pos_embed
+
+    def __call__(
+        self,
+        attn,
+        hidden_states: torch.Tensor,
+        encoder_hidden_states: torch.Tensor = None,
+        attention_mask: Optional[torch.Tensor] = None,
+        image_rotary_emb: Optional[torch.Tensor] = None,
+    ) -> torch.Tensor:
+        if attn.fused_projections:
+            query, key, value = attn.to_qkv(hidden_states).chunk(3, dim=-1)
+            eq = ek = ev = None
+            if encoder_hidden_states is not None and hasattr(attn, "to_added_qkv"):
+                eq, ek, ev = attn.to_added_qkv(encoder_hidden_states).chunk(3, dim=-1)
+        else:
+            query, key, value = attn.to_q(hidden_states), attn.to_k(hidden_states), attn.to_v(hidden_states)
+            eq = ek = ev = None
+            if encoder_hidden_states is not None and attn.added_kv_proj_dim is not None:
+                eq = attn.add_q_proj(encoder_hidden_states)
+                ek = attn.add_k_proj(encoder_hidden_states)
+                ev = attn.add_v_proj(encoder_hidden_states)
+
+        query = query.unflatten(-1, (-1, attn.head_dim))
+        key = key.unflatten(-1, (-1, attn.head_dim))
+        value = value.unflatten(-1, (-1, attn.head_dim))
+        query = attn.norm_q(query)
+        key = attn.norm_k(key)
+
+        if attn.added_kv_proj_dim is not None:
+            eq = attn.norm_added_q(eq.unflatten(-1, (-1, attn.head_dim)))
+            ek = attn.norm_added_k(ek.unflatten(-1, (-1, attn.head_dim)))
+            ev = ev.unflatten(-1, (-1, attn.head_dim))
+            query = torch.cat([eq, query], dim=1)
+            key = torch.cat([ek, key], dim=1)
+            value = torch.cat([ev, value], dim=1)
+
+        if image_rotary_emb is not None:
+            query = apply_rotary_emb(query, image_rotary_emb, sequence_dim=1)
+            key = apply_rotary_emb(key, image_rotary_emb, sequence_dim=1)
+
+        def tokens():
+            n = query.shape[1]
+            n_text = encoder_hidden_states.shape[1] if encoder_hidden_states is not None else (self.state.text_len or 0)
+            text, image = slice(0, n_text), slice(n_text, n)
+            return self._image_layout(n - n_text, q_image=image, k_image=image, q_text=text, k_text=text, text_first=True)
+
+        rope = None
+        if image_rotary_emb is not None and self.stack:
+            rope = RopeInfo(image_rotary_emb[0], image_rotary_emb[1], _flux_rotate, self.pos_embed)
+        hidden_states = self._attend(query, key, value, attention_mask, tokens, self._parallel_config, rope)
+        hidden_states = hidden_states.flatten(2, 3)
+        hidden_states = hidden_states.to(query.dtype)
+
+        if encoder_hidden_states is not None:
+            encoder_hidden_states, hidden_states = hidden_states.split_with_sizes(
+                [encoder_hidden_states.shape[1], hidden_states.shape[1] - encoder_hidden_states.shape[1]], dim=1
+            )
+            hidden_states = attn.to_out[0](hidden_states.contiguous())
+            hidden_states = attn.to_out[1](hidden_states)
+            encoder_hidden_states = attn.to_add_out(encoder_hidden_states.contiguous())
+            return hidden_states, encoder_hidden_states
+        return hidden_states
+
+
+def _flux_rotate(x, cos, sin):
+    return apply_rotary_emb(x, (cos, sin), sequence_dim=2)
+
+
+def _wan_rotate(x, cos, sin):
+    """Wan's interleaved rotation; cos/sin broadcast against x's last two dims (tokens, head dim)."""
+    x1, x2 = x.unflatten(-1, (-1, 2)).unbind(-1)
+    cos = cos[..., 0::2]
+    sin = sin[..., 1::2]
+    out = torch.empty_like(x)
+    out[..., 0::2] = x1 * cos - x2 * sin
+    out[..., 1::2] = x1 * sin + x2 * cos
+    return out.type_as(x)
+
+
+class AttnlabWanAttnProcessor(_DispatchProcessor):
+    """Wan self- and cross-attention (with the I2V image-context branch): mirrors `WanAttnProcessor`.
+
+    The I2V image-context attention (CLIP image tokens) runs on the plain kernel; effects see the
+    text cross-attention only.
+    """
+
+    def __call__(
+        self,
+        attn,
+        hidden_states: torch.Tensor,
+        encoder_hidden_states: Optional[torch.Tensor] = None,
+        attention_mask: Optional[torch.Tensor] = None,
+        rotary_emb: Optional[tuple[torch.Tensor, torch.Tensor]] = None,
+    ) -> torch.Tensor:
+        encoder_hidden_states_img = None
+        if attn.add_k_proj is not None:
+            image_context_length = encoder_hidden_states.shape[1] - 512  # as stock: text context is 512 tokens
+            encoder_hidden_states_img = encoder_hidden_states[:, :image_context_length]
+            encoder_hidden_states = encoder_hidden_states[:, image_context_length:]
+
+        source = hidden_states if encoder_hidden_states is None else encoder_hidden_states
+        if attn.fused_projections:
+            if not attn.is_cross_attention:
+                query, key, value = attn.to_qkv(hidden_states).chunk(3, dim=-1)
+            else:
+                query = attn.to_q(hidden_states)
+                key, value = attn.to_kv(source).chunk(2, dim=-1)
+        else:
+            query, key, value = attn.to_q(hidden_states), attn.to_k(source), attn.to_v(source)
+
+        query = attn.norm_q(query)
+        key = attn.norm_k(key)
+        query = query.unflatten(2, (attn.heads, -1))
+        key = key.unflatten(2, (attn.heads, -1))
+        value = value.unflatten(2, (attn.heads, -1))
+
+        if rotary_emb is not None:
+            query = _wan_rotate(query, *rotary_emb)
+            key = _wan_rotate(key, *rotary_emb)
+
+        hidden_states_img = None
+        if encoder_hidden_states_img is not None:
+            if attn.fused_projections:
+                key_img, value_img = attn.to_added_kv(encoder_hidden_states_img).chunk(2, dim=-1)
+            else:
+                key_img = attn.add_k_proj(encoder_hidden_states_img)
+                value_img = attn.add_v_proj(encoder_hidden_states_img)
+            key_img = attn.norm_added_k(key_img)
+            key_img = key_img.unflatten(2, (attn.heads, -1))
+            value_img = value_img.unflatten(2, (attn.heads, -1))
+            hidden_states_img = self._dispatch(query, key_img, value_img, None, None)
+            hidden_states_img = hidden_states_img.flatten(2, 3)
+            hidden_states_img = hidden_states_img.type_as(query)
+
+        cross = encoder_hidden_states is not None
+
+        def tokens():
+            nq, nk = query.shape[1], key.shape[1]
+            if cross:
+                return self._image_layout(nq, q_image=slice(0, nq), k_text=slice(0, nk))
+            return self._image_layout(nq, q_image=slice(0, nq), k_image=slice(0, nk))
+
+        rope = None
+        if rotary_emb is not None and self.stack:
+            cos, sin = (t.reshape(t.shape[-3], t.shape[-1]) for t in rotary_emb)
+            rope = RopeInfo(cos, sin, _wan_rotate)
+        parallel_config = self._parallel_config if not cross else None
+        hidden_states = self._attend(query, key, value, attention_mask, tokens, parallel_config, rope)
+        hidden_states = hidden_states.flatten(2, 3)
+        hidden_states = hidden_states.type_as(query)
+        if hidden_states_img is not None:
+            hidden_states = hidden_states + hidden_states_img
+        hidden_states = attn.to_out[0](hidden_states)
+        hidden_states = attn.to_out[1](hidden_states)
+        return hidden_states
+
+
+PROCESSOR_FOR_KIND = {
+    ("unet", "self"): AttnlabAttnProcessor,
+    ("unet", "cross"): AttnlabAttnProcessor,
+    ("pixart", "self"): AttnlabAttnProcessor,
+    ("pixart", "cross"): AttnlabAttnProcessor,
+    ("sd3", "joint"): AttnlabJointAttnProcessor,
+    ("sd3", "self"): AttnlabAttnProcessor,
+    ("flux", "joint"): AttnlabFluxAttnProcessor,
+    ("flux", "single"): AttnlabFluxAttnProcessor,
+    ("wan", "self"): AttnlabWanAttnProcessor,
+    ("wan", "cross"): AttnlabWanAttnProcessor,
+}
+
+# The stock processor classes each of ours reproduces; anything else on a module is left alone.
+STOCK_PROCESSORS = {
+    AttnlabAttnProcessor: ("AttnProcessor2_0",),
+    AttnlabJointAttnProcessor: ("JointAttnProcessor2_0",),
+    AttnlabFluxAttnProcessor: ("FluxAttnProcessor",),
+    AttnlabWanAttnProcessor: ("WanAttnProcessor",),
+}

@@ -1,0 +1,209 @@
+"""Run state for the diffusers host: step, sigma, row roles and token geometry of the current forward.
+
+A diffusers `ModelHook` on the denoiser fills it before every forward from what the pipeline supplies:
+the forward's own arguments (latent shape, timestep, text length), the pipeline's scheduler
+(step index and sigma, looked up, never counted), the pipeline's `cache_context("cond"/"uncond", ...)`
+(FLUX and Wan run cond and uncond as separate forwards), and the pipeline's known batch layout for
+CFG-batched pipelines (``cat([uncond, cond])``). Callers that build their own batches (guidance
+pipelines) set roles explicitly with `RunState.roles_for(...)`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+from typing import Optional, Sequence
+
+import torch
+from diffusers.hooks.hooks import HookRegistry, ModelHook, StateManager
+
+from ..call import ROLES, StepInfo
+from .model_info import Geometry
+
+HOOK_NAME = "attnlab_run_state"
+
+# Pipelines that batch CFG as cat([negative, positive]) along the batch axis.
+_CFG_BATCHED_FAMILIES = ("unet", "sd3", "pixart")
+
+
+class _ContextSink(StateManager):
+    """Receives the pipeline's `cache_context` (diffusers pushes it into stateful hooks' StateManagers)."""
+
+    def __init__(self):
+        super().__init__(object)
+        self.latest = None
+
+    def set_context(self, context) -> None:
+        self.latest = context
+
+
+class RunState:
+    """Per-denoiser state shared by every attnlab processor installed on it."""
+
+    def __init__(self, geometry: Geometry, pipeline=None):
+        self.geometry = geometry
+        self.pipeline = pipeline
+        self.step = StepInfo()
+        self.roles: Optional[tuple[str, ...]] = None
+        self.latent: Optional[tuple[int, int, int]] = None  # latent cells (frames, height, width)
+        self.grid: Optional[tuple[int, int, int]] = None  # image tokens (frames, rows, cols)
+        self.text_len: Optional[int] = None
+        self._role_override: list[tuple[str, ...]] = []
+        self.cfg_from_encode: Optional[bool] = None  # set by `watch_cfg` for pipelines without the property
+        self._context = _ContextSink()
+
+    # --- explicit roles -------------------------------------------------------------------------
+    @contextlib.contextmanager
+    def roles_for(self, roles: Sequence[str]):
+        """Declare the role of every batch row for forwards run inside this block."""
+        roles = tuple(roles)
+        bad = [r for r in roles if r not in ROLES]
+        if bad:
+            raise ValueError(f"unknown row roles {bad}; known roles: {ROLES}")
+        self._role_override.append(roles)
+        try:
+            yield
+        finally:
+            self._role_override.pop()
+
+    # --- filled before each forward -------------------------------------------------------------
+    def begin_forward(self, batch: int, latent: tuple[int, int, int], grid, text_len, timestep) -> None:
+        self.latent, self.grid, self.text_len = latent, grid, text_len
+        self.roles = self._resolve_roles(batch)
+        self.step = self._resolve_step(timestep)
+
+    def _resolve_roles(self, batch: int) -> tuple[str, ...]:
+        if self._role_override:
+            roles = self._role_override[-1]
+            if len(roles) != batch:
+                raise ValueError(f"roles_for declared {len(roles)} rows but the denoiser got a batch of {batch}")
+            return roles
+        ctx = self._context.latest
+        if ctx is not None and ctx.name in ("cond", "uncond"):
+            return (ctx.name,) * batch
+        pipe = self.pipeline
+        cfg = getattr(pipe, "do_classifier_free_guidance", self.cfg_from_encode)
+        if pipe is not None and self.geometry.family in _CFG_BATCHED_FAMILIES and cfg and batch % 2 == 0:
+            half = batch // 2
+            return ("uncond",) * half + ("cond",) * half
+        return ("cond",) * batch
+
+    def _resolve_step(self, timestep) -> StepInfo:
+        t = None
+        if timestep is not None:
+            t = float(timestep.flatten().max()) if torch.is_tensor(timestep) else float(timestep)
+        ctx = self._context.latest
+        if ctx is not None and ctx.step_index is not None:
+            return StepInfo(ctx.step_index, ctx.num_inference_steps, ctx.sigma, t)
+        scheduler = getattr(self.pipeline, "scheduler", None)
+        if scheduler is None or t is None or getattr(scheduler, "timesteps", None) is None:
+            return StepInfo(timestep=t)
+        timesteps = scheduler.timesteps
+        count = len(timesteps)
+        index = getattr(scheduler, "step_index", None)
+        if index is None:
+            # FLUX feeds t/1000 to its transformer; compare in the scheduler's units.
+            t_sched = t * 1000.0 if self.geometry.family == "flux" else t
+            diffs = (timesteps.float().cpu() - t_sched).abs()
+            best = int(diffs.argmin())
+            index = best if float(diffs[best]) <= 1e-3 * max(1.0, abs(t_sched)) else None
+        sigma = None
+        if index is not None and getattr(scheduler, "sigmas", None) is not None and index < len(scheduler.sigmas):
+            sigma = float(scheduler.sigmas[index])
+        elif getattr(scheduler, "alphas_cumprod", None) is not None and 0 <= int(round(t)) < len(scheduler.alphas_cumprod):
+            a = float(scheduler.alphas_cumprod[int(round(t))])
+            sigma = ((1 - a) / a) ** 0.5
+        return StepInfo(index, count, sigma, t)
+
+
+class RunStateHook(ModelHook):
+    """Fills the RunState from the denoiser's forward arguments. Stateful so that diffusers pushes the
+    pipeline's cache context into it."""
+
+    _is_stateful = True
+
+    def __init__(self, state: RunState, denoiser: torch.nn.Module):
+        super().__init__()
+        self.state = state
+        self.context = state._context
+        self._signature = inspect.signature(denoiser.forward)
+        self._names = list(self._signature.parameters)
+
+    def reset_state(self, module):
+        self.context.latest = None
+        return module
+
+    def _arg(self, args, kwargs, name):
+        if name in kwargs:
+            return kwargs[name]
+        idx = self._names.index(name) if name in self._names else None
+        return args[idx] if idx is not None and idx < len(args) else None
+
+    def pre_forward(self, module, *args, **kwargs):
+        g = self.state.geometry
+        family = g.family
+        x = self._arg(args, kwargs, "sample" if family == "unet" else "hidden_states")
+        timestep = self._arg(args, kwargs, "timestep")
+        text = self._arg(args, kwargs, "encoder_hidden_states")
+        text_len = None if text is None else int(text.shape[1])
+        pt, ph, pw = g.patch
+        if family == "flux":
+            grid = _flux_grid(self._arg(args, kwargs, "img_ids"), x.shape[1])
+            latent = None if grid is None else (1, grid[1] * ph, grid[2] * pw)
+        elif family == "wan":
+            latent = tuple(int(s) for s in x.shape[2:5])
+            grid = (latent[0] // pt, latent[1] // ph, latent[2] // pw)
+        else:
+            latent = (1, int(x.shape[-2]), int(x.shape[-1]))
+            grid = (1, latent[1] // ph, latent[2] // pw)
+        self.state.begin_forward(int(x.shape[0]), latent, grid, text_len, timestep)
+        return args, kwargs
+
+
+def _flux_grid(img_ids, n_tokens: int):
+    if img_ids is None:
+        return None
+    if img_ids.ndim == 3:  # deprecated batched ids
+        img_ids = img_ids[0]
+    rows = int(img_ids[:, 1].max()) + 1
+    cols = int(img_ids[:, 2].max()) + 1
+    return (1, rows, cols) if rows * cols == n_tokens else None
+
+
+def watch_cfg(pipeline, state: RunState):
+    """For CFG-batched pipelines without a `do_classifier_free_guidance` property (PixArt), record the
+    flag the pipeline passes to its own `encode_prompt`. Returns a function that undoes the watch."""
+    if pipeline is None or state.geometry.family not in _CFG_BATCHED_FAMILIES:
+        return lambda: None
+    if hasattr(type(pipeline), "do_classifier_free_guidance") or not hasattr(pipeline, "encode_prompt"):
+        return lambda: None
+    original = pipeline.encode_prompt
+    signature = inspect.signature(original)
+    if "do_classifier_free_guidance" not in signature.parameters:
+        return lambda: None
+
+    def encode_prompt(*args, **kwargs):
+        bound = signature.bind_partial(*args, **kwargs)
+        bound.apply_defaults()
+        state.cfg_from_encode = bool(bound.arguments["do_classifier_free_guidance"])
+        return original(*args, **kwargs)
+
+    pipeline.encode_prompt = encode_prompt
+
+    def undo():
+        if pipeline.__dict__.get("encode_prompt") is encode_prompt:
+            del pipeline.encode_prompt
+
+    return undo
+
+
+def attach_state(denoiser: torch.nn.Module, state: RunState) -> None:
+    registry = HookRegistry.check_if_exists_or_initialize(denoiser)
+    registry.register_hook(RunStateHook(state, denoiser), HOOK_NAME)
+    registry.invalidate_child_registries_cache()
+
+
+def detach_state(denoiser: torch.nn.Module) -> None:
+    registry = getattr(denoiser, "_diffusers_hook", None)
+    if registry is not None and registry.get_hook(HOOK_NAME) is not None:
+        registry.remove_hook(HOOK_NAME, recurse=False)
