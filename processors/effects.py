@@ -58,6 +58,10 @@ class Effect:
     def validate(self) -> None:
         """Raise ValueError for bad parameters. Called by hosts before anything is patched."""
 
+    def check_model(self, family: str, token_scale: tuple[int, int, int]) -> None:
+        """Raise ValueError if the effect cannot work on this model (family, pixels per token at full
+        resolution as (frames, height, width)). Called by hosts before anything is patched."""
+
 
 class EffectLike(Protocol):
     stage: str

@@ -58,6 +58,7 @@ class EntropyScaling(Effect):
         self.strength = float(strength)
         self.train_size = _size3(train_size)
         self.token_count = token_count
+        self.last_lambda: dict[str, float] = {}  # site name -> λ of its latest call (for reports)
         self.validate()
 
     def validate(self) -> None:
@@ -65,6 +66,18 @@ class EntropyScaling(Effect):
             raise ValueError(f"strength must be in [0, 4]; got {self.strength}")
         if self.token_count not in TOKEN_COUNTS:
             raise ValueError(f"token_count must be one of {TOKEN_COUNTS}; got {self.token_count!r}")
+
+    def check_model(self, family: str, token_scale) -> None:
+        if self.train_size is None or token_scale is None:
+            return
+        frames, height, width = self.train_size
+        st, sh, sw = token_scale
+        if height % sh or width % sw or (frames - 1) % st:
+            raise ValueError(
+                f"train_size {self.train_size[1:] if frames == 1 else self.train_size} does not fall on this "
+                f"{family} model's token grid: height and width must be multiples of {sh} pixels"
+                + (f" and frames of the form 1 + {st}k" if st > 1 else "")
+            )
 
     def applies(self, site: Site) -> bool:
         return site.kind != "cross" and self.strength != 0.0
@@ -89,6 +102,7 @@ class EntropyScaling(Effect):
 
     def __call__(self, call: AttentionCall, attend: Attend):
         lam = self.lam(call)
+        self.last_lambda[call.site.name] = lam
         if lam == 1.0:
             return attend(call.q, call.k, call.v)
         return attend(call.q * lam, call.k, call.v)

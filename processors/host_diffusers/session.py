@@ -55,6 +55,11 @@ class Session:
         ordered(self.effects)  # raises on unknown stages
         self.pipeline = None if isinstance(target, torch.nn.Module) else target
         self.denoisers = denoisers_of(target)
+        for denoiser in self.denoisers:
+            geometry = geometry_of(denoiser, self.pipeline, vae_scale=vae_scale, native_size=native_size)
+            for e in self.effects:
+                if hasattr(e, "check_model"):
+                    e.check_model(geometry.family, geometry.token_scale)
         self._options = dict(vae_scale=vae_scale, native_size=native_size)
         self.strict = strict
         self.sites = []

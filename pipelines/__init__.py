@@ -1,0 +1,1 @@
+"""diffusers entry points, one module per method (they import diffusers)."""
