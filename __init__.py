@@ -32,7 +32,7 @@ def __getattr__(name):
 
 async def comfy_entrypoint():
     """ComfyUI V3 entry point: the extension listing this pack's nodes."""
-    from .nodes import AttnlabExtension
+    from .nodes.v3 import AttnlabExtension
 
     return AttnlabExtension()
 

@@ -113,7 +113,7 @@ def plan_for(base_model, native_size=None) -> ModelPlan:
         return ModelPlan("sd3", config_name, (1, spatial), patch, native, tuple(calls),
                          register_length=int(getattr(dm, "register_length", 0) or 0))
     # Wan: self, [cross to CLIP image tokens for i2v], cross to text, per block
-    i2v = getattr(dm, "model_type", "t2v") == "i2v" or hasattr(dm, "img_emb")
+    i2v = getattr(dm, "model_type", "t2v") == "i2v" or getattr(dm, "img_emb", None) is not None
     calls = []
     for i in range(len(dm.blocks)):
         calls.append(("self", i))

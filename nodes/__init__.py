@@ -1,0 +1,10 @@
+"""ComfyUI nodes, one module per method, generated as V3 nodes from the plain-data specs in `specs.py`.
+
+Only `nodes/v3.py` imports ComfyUI (`comfy_api`), and only when ComfyUI loads the pack.
+"""
+
+from .entropy import ENTROPY_SCALING
+
+NODE_SPECS = (ENTROPY_SCALING,)
+
+__all__ = ["NODE_SPECS"]
