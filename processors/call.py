@@ -9,7 +9,6 @@ projections, QK-norm and RoPE, exactly as the model would hand them to its atten
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from dataclasses import dataclass, field
 from typing import Callable, Mapping, Optional, Sequence
@@ -137,23 +136,37 @@ class RopeInfo:
         return self.rotate(x, cos.to(x.device), sin.to(x.device))
 
 
-@dataclass(frozen=True)
 class AttentionCall:
-    """One attention invocation. Immutable: effects derive modified calls with `replace`."""
+    """One attention invocation. Treat it as immutable: effects derive modified calls with `replace`.
 
-    q: torch.Tensor
-    k: torch.Tensor
-    v: torch.Tensor
-    site: Site
-    tokens: TokenLayout = field(default_factory=TokenLayout)
-    roles: Optional[tuple[str, ...]] = None
-    step: StepInfo = field(default_factory=StepInfo)
-    mask: Optional[torch.Tensor] = None
-    scale: Optional[float] = None
-    rope: Optional[RopeInfo] = None
+    (A slotted class rather than a frozen dataclass: hosts build one per attention call and effects
+    derive new ones, so construction and `replace` sit on the hot path.)
+    """
+
+    __slots__ = ("q", "k", "v", "site", "tokens", "roles", "step", "mask", "scale", "rope")
+
+    def __init__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, site: Site,
+                 tokens: Optional[TokenLayout] = None, roles: Optional[tuple[str, ...]] = None,
+                 step: Optional[StepInfo] = None, mask: Optional[torch.Tensor] = None,
+                 scale: Optional[float] = None, rope: Optional[RopeInfo] = None):
+        self.q, self.k, self.v, self.site = q, k, v, site
+        self.tokens = _EMPTY_LAYOUT if tokens is None else tokens
+        self.roles = roles
+        self.step = _EMPTY_STEP if step is None else step
+        self.mask, self.scale, self.rope = mask, scale, rope
 
     def replace(self, **changes) -> "AttentionCall":
-        return dataclasses.replace(self, **changes)
+        new = object.__new__(AttentionCall)
+        for name in AttentionCall.__slots__:
+            setattr(new, name, changes.pop(name) if name in changes else getattr(self, name))
+        if changes:
+            raise TypeError(f"AttentionCall has no field(s) {sorted(changes)}")
+        return new
+
+    def __repr__(self) -> str:
+        return (f"AttentionCall(site={self.site}, q={tuple(self.q.shape)}, k={tuple(self.k.shape)}, "
+                f"roles={self.roles}, step={self.step}, mask={None if self.mask is None else tuple(self.mask.shape)}, "
+                f"scale={self.scale})")
 
     @property
     def batch(self) -> int:
@@ -182,3 +195,7 @@ class AttentionCall:
 
     def default_scale(self) -> float:
         return self.scale if self.scale is not None else self.head_dim ** -0.5
+
+
+_EMPTY_LAYOUT = TokenLayout()
+_EMPTY_STEP = StepInfo()

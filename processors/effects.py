@@ -115,7 +115,9 @@ def _layer(effects, i: int, kernel: Kernel):
                 changes["mask"] = mask
             if scale is not KEEP:
                 changes["scale"] = scale
-            return inner(call.replace(q=q, k=k, v=v, **changes))
+            if changes or q is not call.q or k is not call.k or v is not call.v:
+                return inner(call.replace(q=q, k=k, v=v, **changes))
+            return inner(call)
 
         return effect(call, attend)
 

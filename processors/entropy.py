@@ -1,8 +1,8 @@
 """Attention-entropy scaling (Jin et al., NeurIPS 2023, arXiv 2306.08645).
 
 Self-attention logits are multiplied by ``λ = sqrt(ln N / ln T)`` per layer, where N is the key count
-of the call and T the key count the same layer has at the training resolution. Implemented as
-``q·λ`` so it works on every attention backend; cross-attention is never touched, and at N == T the
+of the call and T the key count the same layer has at the training resolution. Passed to the kernel as
+``scale = λ/√d`` (hosts whose backend takes no scale fold it into q, i.e. ``q·λ``); cross-attention is never touched, and at N == T the
 call passes through untouched (bit-exact). `strength` s generalises the exponent, ``λ = (ln N / ln T)^(s/2)``:
 s = 1 is the paper, s = 0 is off.
 """
@@ -59,6 +59,7 @@ class EntropyScaling(Effect):
         self.train_size = _size3(train_size)
         self.token_count = token_count
         self.last_lambda: dict[str, float] = {}  # site name -> λ of its latest call (for reports)
+        self._cache: dict = {}  # (key count, id(layout)) -> (layout, λ); hosts reuse layout objects
         self.validate()
 
     def validate(self) -> None:
@@ -97,15 +98,27 @@ class EntropyScaling(Effect):
         return n, n - tokens.image_tokens + t_image
 
     def lam(self, call: AttentionCall) -> float:
+        key = (call.kv_len, id(call.tokens))
+        hit = self._cache.get(key)
+        if hit is not None and hit[0] is call.tokens:
+            return hit[1]
         n, t = self.counts(call)
-        return entropy_lambda(n, t, self.strength)
+        lam = entropy_lambda(n, t, self.strength)
+        if len(self._cache) > 4096:
+            self._cache.clear()
+        self._cache[key] = (call.tokens, lam)
+        return lam
 
     def __call__(self, call: AttentionCall, attend: Attend):
         lam = self.lam(call)
         self.last_lambda[call.site.name] = lam
         if lam == 1.0:
             return attend(call.q, call.k, call.v)
-        return attend(call.q * lam, call.k, call.v)
+        # softmax(λ·qkᵀ·s) == softmax(qkᵀ·(λ·s)): a scale costs no extra pass over q where the kernel takes one
+        return attend(call.q, call.k, call.v, scale=lam * call.default_scale())
+
+    def __deepcopy__(self, memo):  # ComfyUI deep-copies model_options on clone: copy settings, not caches
+        return EntropyScaling(self.strength, self.train_size, self.token_count)
 
     def __repr__(self) -> str:
         return f"EntropyScaling(strength={self.strength}, train_size={self.train_size}, token_count={self.token_count!r})"

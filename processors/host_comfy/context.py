@@ -32,6 +32,21 @@ def warn_once(key, message: str) -> None:
         logger.warning("attnlab: %s", message)
 
 
+class HostCache:
+    """Effect stacks per site and token layouts, shared by the calls of one router (bounded)."""
+
+    LIMIT = 4096
+
+    def __init__(self):
+        self.stacks: dict = {}
+        self.layouts: dict = {}
+
+    def trim(self) -> None:
+        if len(self.stacks) > self.LIMIT or len(self.layouts) > self.LIMIT:
+            self.stacks.clear()
+            self.layouts.clear()
+
+
 def _ceil_div(a: int, b: int) -> int:
     return -(-a // b)
 
@@ -40,10 +55,10 @@ class CallContext:
     """What one model call looks like to the effects, plus the bookkeeping to tell sites apart."""
 
     def __init__(self, plan: ModelPlan, effects, x: torch.Tensor, sigma, c_crossattn, transformer_options: dict,
-                 stacks: dict):
+                 cache: HostCache):
         self.plan = plan
         self.effects = tuple(effects)
-        self._stacks = stacks  # shared cache: (effect ids, site) -> EffectStack
+        self._cache = cache
         self.options = transformer_options
         cond_or_uncond = list(transformer_options.get("cond_or_uncond") or [0])
         chunk = max(1, x.shape[0] // len(cond_or_uncond))
@@ -85,12 +100,19 @@ class CallContext:
         native = TokenLayout(scale=scale).grid_for(self.plan.native_size)
         return TokenLayout(grid=grid, scale=scale, native_grid=native, **spans)
 
+    def _cached(self, key, build) -> TokenLayout:
+        """Layouts are reused across calls and steps (effects key their caches on them)."""
+        layout = self._cache.layouts.get(key)
+        if layout is None:
+            layout = self._cache.layouts[key] = build()
+        return layout
+
     # --- sites ----------------------------------------------------------------------------------
     def stack_for(self, site: Site) -> EffectStack:
-        key = (tuple(id(e) for e in self.effects), site)
-        stack = self._stacks.get(key)
+        key = (tuple(id(e) for e in self.effects), site)  # the cached stack keeps the effects (and ids) alive
+        stack = self._cache.stacks.get(key)
         if stack is None:
-            stack = self._stacks[key] = EffectStack.for_site(self.effects, site)
+            stack = self._cache.stacks[key] = EffectStack.for_site(self.effects, site)
         return stack
 
     def resolve(self, n_q: int, n_k: int, options: dict):
@@ -111,7 +133,10 @@ class CallContext:
         layer = self.plan.unet_offsets[tindex] + int(bindex)
         name = f"{self.plan.unet_names[tindex]}.transformer_blocks.{bindex}.{'attn1' if kind == 'self' else 'attn2'}"
         site = Site("unet", kind, layer, name)
-        return site, (lambda: self._unet_layout(kind, n_q, n_k, options))
+        shape, full = options.get("activations_shape"), options.get("original_shape")
+        key = ("unet", kind, n_q, n_k, tuple(shape[-2:]) if shape is not None else None,
+               tuple(full[-2:]) if full is not None else self.latent[-2:])
+        return site, (lambda: self._cached(key, lambda: self._unet_layout(kind, n_q, n_k, options)))
 
     def _unet_layout(self, kind, n_q, n_k, options) -> TokenLayout:
         shape = options.get("activations_shape")
@@ -161,7 +186,8 @@ class CallContext:
                 "wan": "blocks.{}." + ("self_attn" if kind == "self" else "cross_attn")}[plan.family]
         index = layer - plan.double_blocks if kind == "single" else layer
         site = Site(plan.family, kind, layer, name.format(index))
-        return site, (lambda: self._dit_layout(kind, n_q, n_k, n_img))
+        key = (plan.family, kind, n_q, n_k, self.grid, self.text_len)
+        return site, (lambda: self._cached(key, lambda: self._dit_layout(kind, n_q, n_k, n_img)))
 
     def _dit_layout(self, kind, n_q, n_k, n_img) -> TokenLayout:
         scale = self.plan.token_scale

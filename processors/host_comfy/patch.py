@@ -16,13 +16,12 @@ from __future__ import annotations
 from typing import Callable, Optional, Sequence
 
 from ..effects import ordered
-from .context import CONTEXT_KEY, EFFECTS_KEY, OVERRIDE_KEY, CallContext
+from .context import CONTEXT_KEY, EFFECTS_KEY, OVERRIDE_KEY, CallContext, HostCache
 from .dispatcher import ChainedReplace, Dispatcher
 from .model_plan import ModelPlan, plan_for
 
 APPLY_MODEL = "apply_model"  # comfy.patcher_extension.WrappersMP.APPLY_MODEL
 WRAPPER_KEY = "attnlab"
-_MAX_CACHED_STACKS = 4096
 
 
 class Router:
@@ -30,7 +29,7 @@ class Router:
 
     def __init__(self, plan: ModelPlan):
         self.plan = plan
-        self._stacks: dict = {}
+        self.cache = HostCache()
 
     def __call__(self, executor, x, t, c_concat=None, c_crossattn=None, control=None, transformer_options=None,
                  *args, **kwargs):
@@ -38,9 +37,8 @@ class Router:
         effects = options.get(EFFECTS_KEY) or ()
         if not effects:
             return executor(x, t, c_concat, c_crossattn, control, transformer_options, *args, **kwargs)
-        if len(self._stacks) > _MAX_CACHED_STACKS:
-            self._stacks.clear()
-        ctx = CallContext(self.plan, effects, x, t, c_crossattn, options, self._stacks)
+        self.cache.trim()
+        ctx = CallContext(self.plan, effects, x, t, c_crossattn, options, self.cache)
         had_override, previous = OVERRIDE_KEY in options, options.get(OVERRIDE_KEY)
         options[OVERRIDE_KEY] = Dispatcher(ctx, previous)
         options[CONTEXT_KEY] = ctx

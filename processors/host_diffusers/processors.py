@@ -9,6 +9,7 @@ stack is bit-identical to stock; with effects, the q/k/v handed to the kernel be
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Optional
 
@@ -41,16 +42,19 @@ class _HostProcessor:
     def geometry(self) -> Geometry:
         return self.state.geometry
 
-    def _image_layout(self, n_image: int, **spans) -> TokenLayout:
-        """Layout whose image span has `n_image` tokens; works out this layer's grid and pixel scale."""
-        key = (n_image, self.state.grid, self.state.latent, repr(sorted(spans.items())))
+    def _image_layout(self, key: tuple, n_image: int, spans) -> TokenLayout:
+        """Layout whose image span has `n_image` tokens, with this layer's grid and pixel scale; cached by
+        `key` (the call's token counts) and the forward's geometry; `spans()` builds the token spans."""
+        key = key + (self.state.grid, self.state.latent)
         layout = self._layouts.get(key)
         if layout is None:
             grid, scale = self._grid_and_scale(n_image)
             native = None
             if grid is not None:
                 native = TokenLayout(scale=scale).grid_for(self.geometry.native_size)
-            layout = TokenLayout(grid=grid, scale=scale, native_grid=native, **spans)
+            layout = TokenLayout(grid=grid, scale=scale, native_grid=native, **spans())
+            if len(self._layouts) > 256:
+                self._layouts.clear()
             self._layouts[key] = layout
         return layout
 
@@ -130,10 +134,8 @@ class AttnlabAttnProcessor(_HostProcessor):
 
         if self.stack:
             nq, nk = query.shape[2], key.shape[2]
-            if self.site.kind == "cross":
-                tokens = self._image_layout(nq, q_image=slice(0, nq), k_text=slice(0, nk))
-            else:
-                tokens = self._image_layout(nq, q_image=slice(0, nq), k_image=slice(0, nk))
+            k_span = "k_text" if self.site.kind == "cross" else "k_image"
+            tokens = self._image_layout((nq, nk), nq, lambda: {"q_image": slice(0, nq), k_span: slice(0, nk)})
             hidden_states = self.stack.run(self._call(query, key, value, attention_mask, tokens), sdpa)
         else:
             hidden_states = F.scaled_dot_product_attention(
@@ -198,8 +200,12 @@ class AttnlabJointAttnProcessor(_HostProcessor):
 
         if self.stack:
             n = query.shape[2]
-            image, text = slice(0, n_image), (slice(n_image, n) if n > n_image else None)
-            tokens = self._image_layout(n_image, q_image=image, k_image=image, q_text=text, k_text=text)
+
+            def spans():
+                image, text = slice(0, n_image), (slice(n_image, n) if n > n_image else None)
+                return dict(q_image=image, k_image=image, q_text=text, k_text=text)
+
+            tokens = self._image_layout((n_image, n), n_image, spans)
             hidden_states = self.stack.run(self._call(query, key, value, None, tokens), sdpa)
         else:
             hidden_states = F.scaled_dot_product_attention(query, key, value, dropout_p=0.0, is_causal=False)
@@ -220,6 +226,23 @@ class AttnlabJointAttnProcessor(_HostProcessor):
         return hidden_states
 
 
+def _backend_takes_scale(backend) -> bool:
+    """Whether diffusers' dispatcher forwards `scale` to this backend (it silently drops unsupported args)."""
+    try:
+        from diffusers.models.attention_dispatch import _AttentionBackendRegistry
+
+        return _takes_scale(_AttentionBackendRegistry.get_active_backend()[0] if backend is None else backend)
+    except Exception:  # an unknown registry layout: fold the scale into q instead
+        return False
+
+
+@functools.lru_cache(maxsize=None)
+def _takes_scale(backend) -> bool:
+    from diffusers.models.attention_dispatch import AttentionBackendName, _AttentionBackendRegistry
+
+    return "scale" in _AttentionBackendRegistry._supported_arg_names[AttentionBackendName(backend)]
+
+
 class _DispatchProcessor(_HostProcessor):
     """Processors that end in diffusers' attention dispatcher (layout ``[B, S, H, D]``)."""
 
@@ -232,7 +255,12 @@ class _DispatchProcessor(_HostProcessor):
         self._parallel_config = getattr(original, "_parallel_config", None)
 
     def _dispatch(self, q, k, v, mask, parallel_config, scale=None):
-        kwargs = {} if scale is None else {"scale": scale}
+        kwargs = {}
+        if scale is not None:
+            if _backend_takes_scale(self._attention_backend):
+                kwargs["scale"] = scale
+            else:
+                q = q * (scale * q.shape[-1] ** 0.5)
         return dispatch_attention_fn(
             q, k, v, attn_mask=mask, dropout_p=0.0, is_causal=False,
             backend=self._attention_backend, parallel_config=parallel_config, **kwargs,
@@ -300,8 +328,12 @@ class AttnlabFluxAttnProcessor(_DispatchProcessor):
         def tokens():
             n = query.shape[1]
             n_text = encoder_hidden_states.shape[1] if encoder_hidden_states is not None else (self.state.text_len or 0)
-            text, image = slice(0, n_text), slice(n_text, n)
-            return self._image_layout(n - n_text, q_image=image, k_image=image, q_text=text, k_text=text, text_first=True)
+
+            def spans():
+                text, image = slice(0, n_text), slice(n_text, n)
+                return dict(q_image=image, k_image=image, q_text=text, k_text=text, text_first=True)
+
+            return self._image_layout((n, n_text), n - n_text, spans)
 
         rope = None
         if image_rotary_emb is not None and self.stack:
@@ -395,9 +427,8 @@ class AttnlabWanAttnProcessor(_DispatchProcessor):
 
         def tokens():
             nq, nk = query.shape[1], key.shape[1]
-            if cross:
-                return self._image_layout(nq, q_image=slice(0, nq), k_text=slice(0, nk))
-            return self._image_layout(nq, q_image=slice(0, nq), k_image=slice(0, nk))
+            k_span = "k_text" if cross else "k_image"
+            return self._image_layout((nq, nk), nq, lambda: {"q_image": slice(0, nq), k_span: slice(0, nk)})
 
         rope = None
         if rotary_emb is not None and self.stack:
