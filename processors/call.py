@@ -108,7 +108,6 @@ class StepInfo:
         return self.index / self.count
 
 
-@dataclass(frozen=True)
 class RopeInfo:
     """The rotary embedding that was already applied to q and k (canonical layout, sequence dim 2).
 
@@ -119,10 +118,12 @@ class RopeInfo:
     at position p + Δ, and rotating by (cos, -sin) undoes it.
     """
 
-    cos: torch.Tensor
-    sin: torch.Tensor
-    rotate: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
-    embed: Optional[Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]] = None
+    __slots__ = ("cos", "sin", "rotate", "embed")
+
+    def __init__(self, cos: torch.Tensor, sin: torch.Tensor,
+                 rotate: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor],
+                 embed: Optional[Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]] = None):
+        self.cos, self.sin, self.rotate, self.embed = cos, sin, rotate, embed
 
     def undo(self, x: torch.Tensor, span: slice = slice(None)) -> torch.Tensor:
         """Remove the rotation from the tokens `x` (which sit at sequence positions `span`)."""
