@@ -15,24 +15,22 @@ from __future__ import annotations
 
 import argparse
 import json
+import random
 import statistics
 import time
 import traceback
 
 import torch
 
+from big_models import flux_inputs, flux_transformer, sdxl_inputs, sdxl_unet
+
 from attnlab.models.tiny import FAMILIES, build_tiny_pipeline, denoiser_of, run_tiny_pipeline
-from attnlab.processors import Effect, EntropyScaling
+from attnlab.processors import EntropyScaling, Recorder
 from attnlab.processors.host_diffusers import apply
 
 DEV = "cuda"
 
 
-class NoOp(Effect):
-    stage = "observe"
-
-    def __call__(self, call, attend):
-        return attend(call.q, call.k, call.v)
 
 
 def native_opts(family):
@@ -50,7 +48,7 @@ def correctness(report):
         stock = run_tiny_pipeline(pipe, output_type="latent")
         with apply(pipe, []):
             host = run_tiny_pipeline(pipe, output_type="latent")
-        with apply(pipe, [NoOp()]):
+        with apply(pipe, [Recorder(summary=lambda call: None)]):
             noop = run_tiny_pipeline(pipe, output_type="latent")
         with apply(pipe, [EntropyScaling()], **native_opts(family)):
             native = run_tiny_pipeline(pipe, output_type="latent")
@@ -61,7 +59,7 @@ def correctness(report):
                         "finite": bool(torch.isfinite(scaled).all())}
     pipe = build_tiny_pipeline("flux").to(DEV, torch.bfloat16)
     stock = run_tiny_pipeline(pipe, output_type="latent")
-    with apply(pipe, [NoOp()]):
+    with apply(pipe, [Recorder(summary=lambda call: None)]):
         noop = run_tiny_pipeline(pipe, output_type="latent")
     rows["flux_bf16"] = {"noop": max_diff(noop, stock)}
     report["correctness_cuda"] = rows
@@ -77,7 +75,7 @@ def backends(report):
             try:
                 denoiser.set_attention_backend(backend)
                 stock = run_tiny_pipeline(pipe, output_type="latent")
-                with apply(pipe, [NoOp()]) as session:
+                with apply(pipe, [Recorder(summary=lambda call: None)]) as session:
                     seen = {str(p._attention_backend) for p in (m.processor for m in denoiser.modules()
                                                                  if hasattr(m, "set_processor"))}
                     noop = run_tiny_pipeline(pipe, output_type="latent")
@@ -92,58 +90,54 @@ def backends(report):
     report["backends"] = rows
 
 
-def time_configs(forward, model, configs, rounds):
-    """Median ms of forward() per config, interleaved round-robin, CUDA events."""
+def time_configs(model, inputs, configs, rounds, per_sync=1):
+    """Per config: median/min GPU ms per forward (CUDA events around `per_sync` back-to-back forwards,
+    interleaved round-robin) and the host CPU ms spent issuing one forward (process time)."""
     times = {name: [] for name in configs}
+    cpu = {name: [] for name in configs}
+    order = random.Random(0)
     for r in range(rounds + 2):
-        for name, effects in configs.items():
+        names = list(configs)
+        order.shuffle(names)  # no config always runs first or last in a round
+        for name in names:
+            effects = configs[name]
             session = apply(model, effects) if effects is not None else None
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             torch.cuda.synchronize()
+            c0 = time.process_time()
             start.record()
             with torch.no_grad():
-                forward()
+                for _ in range(per_sync):
+                    model(**inputs)
             end.record()
+            c1 = time.process_time()
             torch.cuda.synchronize()
             if session is not None:
                 session.remove()
             if r >= 2:
-                times[name].append(start.elapsed_time(end))
+                times[name].append(start.elapsed_time(end) / per_sync)
+                cpu[name].append((c1 - c0) * 1e3 / per_sync)
     med = {k: statistics.median(v) for k, v in times.items()}
+    best = {k: min(v) for k, v in times.items()}
     return {"median_ms": {k: round(v, 3) for k, v in med.items()},
             "ratio_to_stock": {k: round(v / med["stock"], 4) for k, v in med.items()},
-            "spread_ms": {k: [round(min(v), 3), round(max(v), 3)] for k, v in times.items()}}
+            "min_ms": {k: round(v, 3) for k, v in best.items()},
+            "min_ratio_to_stock": {k: round(v / best["stock"], 4) for k, v in best.items()},
+            "host_cpu_ms_per_forward": {k: round(statistics.median(v), 3) for k, v in cpu.items()}}
 
 
 def flux_timing(report, rounds):
-    from diffusers import FluxTransformer2DModel
-
-    torch.manual_seed(0)
-    torch.set_default_dtype(torch.bfloat16)
-    with torch.device(DEV):
-        model = FluxTransformer2DModel(
-            patch_size=1, in_channels=64, num_layers=19, num_single_layers=38, attention_head_dim=128,
-            num_attention_heads=24, joint_attention_dim=4096, pooled_projection_dim=768, guidance_embeds=True,
-            axes_dims_rope=(16, 56, 56)).eval()
-    torch.set_default_dtype(torch.float32)
+    model = flux_transformer(DEV)
     out = {"params_B": round(sum(p.numel() for p in model.parameters()) / 1e9, 3)}
     for px in (1024, 2048):
-        side = px // 16
-        n_img, n_txt = side * side, 512
-        ids = torch.stack(torch.meshgrid(torch.zeros(1), torch.arange(side).float(), torch.arange(side).float(), indexing="ij"), -1)
-        inputs = dict(
-            hidden_states=torch.randn(1, n_img, 64, device=DEV, dtype=torch.bfloat16),
-            encoder_hidden_states=torch.randn(1, n_txt, 4096, device=DEV, dtype=torch.bfloat16),
-            pooled_projections=torch.randn(1, 768, device=DEV, dtype=torch.bfloat16),
-            timestep=torch.tensor([0.5], device=DEV, dtype=torch.bfloat16),
-            guidance=torch.tensor([3.5], device=DEV, dtype=torch.bfloat16),
-            img_ids=ids.reshape(-1, 3).to(DEV), txt_ids=torch.zeros(n_txt, 3, device=DEV), return_dict=False)
-        configs = {"stock": None, "host": [], "host+noop": [NoOp()],
+        inputs = flux_inputs(DEV, px)
+        n_img, n_txt = inputs["hidden_states"].shape[1], inputs["encoder_hidden_states"].shape[1]
+        configs = {"stock": None, "host": [], "host+noop": [Recorder(summary=lambda call: None)],
                    "entropy": [EntropyScaling()]}  # native 1024: λ = 1 at 1024 (short-circuit), ≠ 1 at 2048
-        out[f"{px}px_{n_img + n_txt}tok"] = time_configs(lambda: model(**inputs), model, configs, rounds)
+        out[f"{px}px_{n_img + n_txt}tok"] = time_configs(model, inputs, configs, rounds)
         with torch.no_grad():
             ref = model(**inputs)[0]
-            with apply(model, [NoOp()]):
+            with apply(model, [Recorder(summary=lambda call: None)]):
                 got = model(**inputs)[0]
         out[f"{px}px_noop_max_diff"] = max_diff(got, ref)
     report["flux_full_size_bf16"] = out
@@ -152,29 +146,12 @@ def flux_timing(report, rounds):
 
 
 def sdxl_timing(report, rounds):
-    from diffusers import UNet2DConditionModel
-
-    torch.manual_seed(0)
-    torch.set_default_dtype(torch.bfloat16)
-    with torch.device(DEV):
-        unet = UNet2DConditionModel(
-            sample_size=128, in_channels=4, out_channels=4, block_out_channels=(320, 640, 1280),
-            down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
-            up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
-            transformer_layers_per_block=(1, 2, 10), attention_head_dim=(5, 10, 20), cross_attention_dim=2048,
-            use_linear_projection=True, addition_embed_type="text_time", addition_time_embed_dim=256,
-            projection_class_embeddings_input_dim=2816, layers_per_block=2).eval()
-    torch.set_default_dtype(torch.float32)
-    inputs = dict(sample=torch.randn(2, 4, 128, 128, device=DEV, dtype=torch.bfloat16),
-                  timestep=torch.tensor([500.0], device=DEV),
-                  encoder_hidden_states=torch.randn(2, 77, 2048, device=DEV, dtype=torch.bfloat16),
-                  added_cond_kwargs={"text_embeds": torch.randn(2, 1280, device=DEV, dtype=torch.bfloat16),
-                                     "time_ids": torch.randn(2, 6, device=DEV, dtype=torch.bfloat16)},
-                  return_dict=False)
-    configs = {"stock": None, "host": [], "host+noop": [NoOp()], "entropy": [EntropyScaling(train_size=768)]}
+    unet = sdxl_unet(DEV)
+    inputs = sdxl_inputs(DEV)
+    configs = {"stock": None, "host": [], "host+noop": [Recorder(summary=lambda call: None)], "entropy": [EntropyScaling(train_size=768)]}
     report["sdxl_unet_1024px_bf16_batch2"] = {
         "params_B": round(sum(p.numel() for p in unet.parameters()) / 1e9, 3),
-        **time_configs(lambda: unet(**inputs), unet, configs, rounds)}
+        **time_configs(unet, inputs, configs, rounds, per_sync=5)}
     del unet
     torch.cuda.empty_cache()
 
@@ -184,6 +161,7 @@ def main():
     ap.add_argument("--out", default="gpu_check.json")
     ap.add_argument("--rounds", type=int, default=10)
     ap.add_argument("--device", default="cuda", help="cpu: dry run of the correctness and backend checks only")
+    ap.add_argument("--only", nargs="*", default=None, help="run only these steps: correctness backends flux sdxl")
     args = ap.parse_args()
     global DEV
     DEV = args.device
@@ -191,7 +169,7 @@ def main():
     t0 = time.time()
     for name, step in (("correctness", correctness), ("backends", backends),
                        ("flux", lambda r: flux_timing(r, args.rounds)), ("sdxl", lambda r: sdxl_timing(r, args.rounds))):
-        if DEV != "cuda" and name in ("flux", "sdxl"):
+        if (DEV != "cuda" and name in ("flux", "sdxl")) or (args.only and name not in args.only):
             continue
         t = time.time()
         try:

@@ -5,7 +5,7 @@ framework lazily: `host_diffusers` needs diffusers; `host_comfy` needs ComfyUI o
 """
 
 from .call import AttentionCall, RopeInfo, Site, StepInfo, TokenLayout
-from .effects import KEEP, STAGES, Effect, EffectStack
+from .effects import KEEP, STAGES, Effect, EffectStack, Recorder
 from .entropy import EntropyScaling, entropy_lambda
 from .reference import reference_attention, sdpa_kernel
 
@@ -15,6 +15,7 @@ __all__ = [
     "EffectStack",
     "EntropyScaling",
     "KEEP",
+    "Recorder",
     "RopeInfo",
     "STAGES",
     "Site",

@@ -122,3 +122,26 @@ def _layer(effects, i: int, kernel: Kernel):
         return effect(call, attend)
 
     return run
+
+
+class Recorder(Effect):
+    """Changes nothing; keeps every call it sees (or `summary(call)` of it) in `calls`.
+
+    Handy to find out which attention sites a pipeline or workflow hits, with which token layout,
+    roles and step; also the no-op effect the tests and benchmarks use. Keeps references to the calls'
+    tensors unless `summary` is given (e.g. ``summary=lambda c: (c.site, c.step.index)``).
+    """
+
+    stage = "observe"
+    name = "recorder"
+
+    def __init__(self, summary=None):
+        self.summary = summary
+        self.calls: list = []
+
+    def __call__(self, call: AttentionCall, attend: Attend) -> torch.Tensor:
+        self.calls.append(call if self.summary is None else self.summary(call))
+        return attend(call.q, call.k, call.v)
+
+    def __deepcopy__(self, memo):  # ComfyUI deep-copies model_options on clone: keep one log
+        return self

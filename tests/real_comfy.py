@@ -15,7 +15,6 @@ Same public names/signatures as ``tests/fake_comfy`` so tests can be parametrise
 from __future__ import annotations
 
 import functools
-import math
 import os
 import subprocess
 import sys
@@ -103,33 +102,9 @@ def source_info() -> dict:
 
 
 # ----------------------------------------------------------------------------- tiny models
-def _is_norm(m) -> bool:
-    if isinstance(m, (torch.nn.LayerNorm, torch.nn.GroupNorm)):
-        return True
-    if hasattr(torch.nn, "RMSNorm") and isinstance(m, torch.nn.RMSNorm):
-        return True
-    return "norm" in type(m).__name__.lower()
-
-
-@torch.no_grad()
-def init_weights(model, seed: int = 0) -> None:
-    """ComfyUI builds layers uninitialised: set every parameter from a seeded generator
-    (``randn * fan_in**-0.5``, 1-D ``0.02``); norm modules (by type or class name containing
-    "norm": Flux ``RMSNorm.scale``, MMDiT/Wan ``RMSNorm.weight``) weight/scale 1, bias 0; the MMDiT
-    ``pos_embed`` buffer (``torch.empty``) too."""
-    g = torch.Generator().manual_seed(seed)
-    for mod in model.modules():
-        norm = _is_norm(mod)
-        for name, p in mod.named_parameters(recurse=False):
-            if norm and p.ndim == 1:
-                p.fill_(0.0 if name == "bias" else 1.0)
-            else:
-                fan_in = max(1, math.prod(p.shape[1:])) if p.ndim >= 2 else 1
-                std = fan_in ** -0.5 if p.ndim >= 2 else 0.02
-                p.copy_(torch.randn(p.shape, generator=g) * std)
-    for name, b in model.named_buffers():
-        if name.endswith("pos_embed") and b.is_floating_point():
-            b.copy_(torch.randn(b.shape, generator=g) * 0.02)
+# Same seeded initialisation as the fake (ComfyUI builds layers uninitialised; norms by type or by a
+# class name containing "norm": Flux RMSNorm.scale, MMDiT/Wan RMSNorm.weight; the MMDiT pos_embed buffer).
+from fake_comfy.models import init_weights  # noqa: E402
 
 
 def _configs(family: str):

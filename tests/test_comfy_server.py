@@ -3,7 +3,6 @@ prompt, runs; the node changes the result at strength 1 and not at strength 0; b
 error. Runs when COMFYUI_DIR points at a ComfyUI checkout whose dependencies this interpreter has."""
 
 import json
-import os
 import socket
 import subprocess
 import sys

@@ -9,7 +9,7 @@ import torch
 import fake_comfy
 import real_comfy
 from attnlab.nodes.entropy import ENTROPY_SCALING
-from attnlab.processors import Effect, EntropyScaling
+from attnlab.processors import EntropyScaling, Recorder
 from attnlab.processors.host_comfy import (CONTEXT_KEY, EFFECTS_KEY, ROLE_KEY, CallContext, ChainedReplace,
                                            UnsupportedComfyModel, patch_model, plan_for)
 from attnlab.processors.host_comfy.context import HostCache, _warned
@@ -23,18 +23,6 @@ def backends():
             pytest.param(real_comfy, id="real", marks=[pytest.mark.comfyui, REAL])]
 
 
-class Observer(Effect):
-    stage = "observe"
-
-    def __init__(self):
-        self.seen = []
-
-    def __call__(self, call, attend):
-        self.seen.append(call)
-        return attend(call.q, call.k, call.v)
-
-    def __deepcopy__(self, memo):  # ComfyUI deep-copies model_options on clone; keep one log
-        return self
 
 
 def native_px(family):
@@ -66,9 +54,9 @@ def stock(backend, family, cache, **kw):
 @pytest.mark.parametrize("family", FAMILIES)
 def test_pass_through_zero_strength_and_native_size_are_bit_exact(backend, family, stock_cache):
     model, base = stock(backend, family, stock_cache)
-    observer = Observer()
+    observer = Recorder()
     assert torch.equal(run(backend, patch_model(model, [observer]), family), base)
-    assert observer.seen, "the override never reached the effect"
+    assert observer.calls, "the override never reached the effect"
     assert torch.equal(run(backend, patch_model(model, [EntropyScaling(strength=0.0)]), family), base)
     assert torch.equal(run(backend, patch_model(model, [EntropyScaling()], native_size=native_px(family)), family), base)
     changed = run(backend, patch_model(model, [EntropyScaling()]), family)  # native 512/1024 px: tiny latents are smaller
@@ -95,10 +83,10 @@ def test_callers_model_is_untouched_and_nothing_leaks(backend, stock_cache):
     ("split", dict(cfg=4.0, batch=2, split_calls=True), [("uncond", "uncond"), ("cond", "cond")]),
 ])
 def test_row_roles_follow_cond_or_uncond(backend, layout, kwargs, expected):
-    observer = Observer()
+    observer = Recorder()
     model = patch_model(backend.build_tiny("sd15"), [observer])
     run(backend, model, "sd15", steps=2, **kwargs)
-    first = [c for c in observer.seen if c.site == observer.seen[0].site]
+    first = [c for c in observer.calls if c.site == observer.calls[0].site]
     roles = [c.roles for c in first]
     assert roles == expected * 2, layout  # two steps
     steps = [c.step.index for c in first]
@@ -109,11 +97,11 @@ def test_row_roles_follow_cond_or_uncond(backend, layout, kwargs, expected):
 @pytest.mark.parametrize("backend", backends())
 @pytest.mark.parametrize("family", FAMILIES)
 def test_sites_and_layouts(backend, family):
-    observer = Observer()
+    observer = Recorder()
     base = backend.build_tiny(family)
     plan = plan_for(base.model)
     run(backend, patch_model(base, [observer]), family, steps=1, cfg=4.0)
-    calls = observer.seen
+    calls = observer.calls
     assert not any(c is None for c in calls)
     sites = [c.site for c in calls]
     assert len(set(sites)) == len(sites), "one call per site per forward (one forward at cfg>1 batched)"
@@ -156,28 +144,28 @@ def test_foreign_override_before_and_after_our_node_is_chained(backend, stock_ca
 
     first = model.clone()
     first.model_options["transformer_options"]["optimized_attention_override"] = foreign("before")
-    observer = Observer()
+    observer = Recorder()
     ours = patch_model(first, [observer])
     out = run(backend, ours, "flux")
-    assert calls["before"] > 0 and observer.seen and torch.equal(out, base)
+    assert calls["before"] > 0 and observer.calls and torch.equal(out, base)
 
     later = ours.clone()
     later.model_options["transformer_options"]["optimized_attention_override"] = foreign("after")
-    n_seen = len(observer.seen)
+    n_seen = len(observer.calls)
     out = run(backend, later, "flux")
-    assert calls["after"] > 0 and len(observer.seen) > n_seen and torch.equal(out, base)
+    assert calls["after"] > 0 and len(observer.calls) > n_seen and torch.equal(out, base)
 
 
 @pytest.mark.parametrize("backend", backends())
 def test_stacked_nodes_compose_with_one_router(backend):
-    a, b = Observer(), Observer()
+    a, b = Recorder(), Recorder()
     model = patch_model(patch_model(backend.build_tiny("sd15"), [a]), [b])
     assert len(model.get_wrappers("apply_model", "attnlab")) == 1
     assert model.model_options["transformer_options"][EFFECTS_KEY] == [a, b]
     patches = model.model_options["transformer_options"]["patches"]
     assert len(patches["attn1_patch"]) == 1 and len(patches["attn2_patch"]) == 1
     run(backend, model, "sd15")
-    assert len(a.seen) == len(b.seen) > 0
+    assert len(a.calls) == len(b.calls) > 0
 
 
 @pytest.mark.parametrize("backend", backends())
@@ -191,17 +179,17 @@ def test_existing_replace_is_chained_and_late_replace_warns(backend, caplog):
 
     early = model.clone()
     early.set_model_attn1_replace(identity_replace, "middle", 0, 0)
-    observer = Observer()
+    observer = Recorder()
     patched = patch_model(early, [observer])
     replaced = patched.model_options["transformer_options"]["patches_replace"]["attn1"][("middle", 0, 0)]
     assert isinstance(replaced, ChainedReplace)
     run(backend, patched, "sd15", steps=1)
     assert hits, "the other node's replace must still run"
-    middle = [c for c in observer.seen if c.site.name.startswith("middle_block") and c.site.kind == "self"]
+    middle = [c for c in observer.calls if c.site.name.startswith("middle_block") and c.site.kind == "self"]
     assert middle, "effects reach the replaced block through the chained replace"
 
     _warned.clear()
-    late = patch_model(model, [Observer()])
+    late = patch_model(model, [Recorder()])
     late.set_model_attn1_replace(identity_replace, "middle", 0, 0)
     with caplog.at_level(logging.WARNING, logger="attnlab"):
         run(backend, late, "sd15", steps=1)
@@ -210,7 +198,7 @@ def test_existing_replace_is_chained_and_late_replace_warns(backend, caplog):
 
 def test_role_override_for_guidance_passes():
     """A post-CFG extra pass (as SoftPAG will run) marks its rows through a copied model_options."""
-    observer = Observer()
+    observer = Recorder()
     model = patch_model(fake_comfy.build_tiny("sd15"), [observer])
 
     def post_cfg(args):
@@ -221,13 +209,13 @@ def test_role_override_for_guidance_passes():
 
     model.set_model_sampler_post_cfg_function(post_cfg)
     run(fake_comfy, model, "sd15", steps=1)
-    assert {c.roles for c in observer.seen} == {("uncond", "cond"), ("perturbed",)}
+    assert {c.roles for c in observer.calls} == {("uncond", "cond"), ("perturbed",)}
 
 
 def test_old_comfyui_without_override_routes_unet_through_replaces():
     base = fake_comfy.build_tiny("sd15")
     stock_out = run(fake_comfy, base, "sd15")
-    observer = Observer()
+    observer = Recorder()
     attention = fake_comfy.get_attention_function("sub_quad")
     patched = patch_model(base, [observer], override_supported=False, attention=attention)
 
@@ -237,7 +225,7 @@ def test_old_comfyui_without_override_routes_unet_through_replaces():
 
     patched.add_wrapper_with_key("apply_model", "zz_old_comfy", no_override)
     out = run(fake_comfy, patched, "sd15")
-    sites = {c.site for c in observer.seen}
+    sites = {c.site for c in observer.calls}
     assert len(sites) == 14 and torch.equal(out, stock_out)
     with pytest.raises(RuntimeError, match="0.3.60"):
         patch_model(fake_comfy.build_tiny("flux"), [observer], override_supported=False)
@@ -247,7 +235,7 @@ def test_block_info_of_newer_comfyui_is_used_when_present():
     model = fake_comfy.build_tiny("flux")
     plan = plan_for(model.model)
     x = torch.zeros(1, 16, 16, 16)
-    ctx = CallContext(plan, [Observer()], x, torch.tensor([1.0]), torch.zeros(1, 5, 32), {"cond_or_uncond": [0]},
+    ctx = CallContext(plan, [Recorder()], x, torch.tensor([1.0]), torch.zeros(1, 5, 32), {"cond_or_uncond": [0]},
                       HostCache())
     site, _ = ctx.resolve(69, 69, {"block_type": "single", "block_index": 1})
     assert (site.kind, site.layer, site.name) == ("single", plan.double_blocks + 1, "single_blocks.1")
@@ -279,11 +267,14 @@ def test_unsupported_models_and_bad_input_raise_before_cloning():
 
 
 @pytest.mark.parametrize("backend", backends())
-def test_entropy_node_end_to_end(backend, stock_cache):
-    model, base = stock(backend, "sd15", stock_cache)
-    (patched,) = ENTROPY_SCALING.execute(model=model, strength=1.0, train_height=0, train_width=0, token_count="joint")
-    assert not torch.equal(run(backend, patched, "sd15"), base)
-    (off,) = ENTROPY_SCALING.execute(model=model, strength=0.0, train_height=0, train_width=0, token_count="joint")
-    assert torch.equal(run(backend, off, "sd15"), base)
-    (native,) = ENTROPY_SCALING.execute(model=model, strength=1.0, train_height=128, train_width=128, token_count="joint")
-    assert torch.equal(run(backend, native, "sd15"), base)
+@pytest.mark.parametrize("family", ["sd15", "flux"])
+def test_entropy_node_end_to_end(backend, family, stock_cache):
+    model, base = stock(backend, family, stock_cache)
+    node = dict(train_height=0, train_width=0, token_count="joint")
+    (patched,) = ENTROPY_SCALING.execute(model=model, strength=1.0, **node)
+    assert not torch.equal(run(backend, patched, family), base)
+    (off,) = ENTROPY_SCALING.execute(model=model, strength=0.0, **node)
+    assert torch.equal(run(backend, off, family), base)
+    _, h, w = native_px(family)
+    (native,) = ENTROPY_SCALING.execute(model=model, strength=1.0, train_height=h, train_width=w, token_count="joint")
+    assert torch.equal(run(backend, native, family), base)

@@ -6,7 +6,7 @@ import torch
 
 import attnlab
 from attnlab.models.tiny import FAMILIES, build_tiny_pipeline, denoiser_of, run_tiny_pipeline
-from attnlab.processors import Effect, EntropyScaling
+from attnlab.processors import Effect, EntropyScaling, Recorder
 from attnlab.processors.host_diffusers import Session, UnsupportedModelError, apply, attention_sites
 from attnlab.processors.reference import reference_attention
 
@@ -21,17 +21,6 @@ def stock(pipe):
     return run_tiny_pipeline(pipe, output_type="latent")
 
 
-class Observer(Effect):
-    """Passes through untouched, recording what it saw."""
-
-    stage = "observe"
-
-    def __init__(self):
-        self.seen = []
-
-    def __call__(self, call, attend):
-        self.seen.append(call)
-        return attend(call.q, call.k, call.v)
 
 
 class ExplicitMath(Effect):
@@ -55,13 +44,13 @@ def test_pass_through_is_bit_exact_and_removal_restores(pipe, stock):
     with apply(pipe, []) as session:
         empty = run_tiny_pipeline(pipe, output_type="latent")
         assert len(session.sites) == len(before) and not session.skipped
-    observer = Observer()
+    observer = Recorder()
     with apply(pipe, [observer]):
         observed = run_tiny_pipeline(pipe, output_type="latent")
     after = processors_of(pipe)
     assert torch.equal(empty, stock)
     assert torch.equal(observed, stock)
-    assert observer.seen, "the stack never ran"
+    assert observer.calls, "the stack never ran"
     assert all(after[k] is before[k] for k in before)
     assert not hasattr(denoiser_of(pipe), "_attnlab_run_state")
     assert torch.equal(run_tiny_pipeline(pipe, output_type="latent"), stock)
@@ -89,18 +78,18 @@ def test_failure_midway_through_install_leaves_nothing_patched(pipe, monkeypatch
     victim = specs[len(specs) // 2].module
     monkeypatch.setattr(victim, "set_processor", lambda p: (_ for _ in ()).throw(RuntimeError("midway")))
     with pytest.raises(RuntimeError, match="midway"):
-        apply(pipe, [Observer()])
+        apply(pipe, [Recorder()])
     monkeypatch.undo()
     assert all(processors_of(pipe)[k] is before[k] for k in before)
     assert not hasattr(denoiser_of(pipe), "_attnlab_run_state")
 
 
 def test_run_state_steps_and_roles_come_from_the_pipeline(pipe):
-    observer = Observer()
+    observer = Recorder()
     family = attention_sites(denoiser_of(pipe))[0].site.family
     with apply(pipe, [observer]):
         run_tiny_pipeline(pipe, num_inference_steps=3, output_type="latent")
-    first_layer = [c for c in observer.seen if c.site == observer.seen[0].site]
+    first_layer = [c for c in observer.calls if c.site == observer.calls[0].site]
     steps = [c.step.index for c in first_layer]
     roles = [c.roles for c in first_layer]
     assert all(c.step.count == 3 for c in first_layer)
@@ -118,14 +107,14 @@ def test_run_state_steps_and_roles_come_from_the_pipeline(pipe):
 
 
 def test_explicit_roles_override(pipe):
-    session = apply(pipe, [observer := Observer()])
+    session = apply(pipe, [observer := Recorder()])
     try:
         family = session.state.geometry.family
         if family in ("flux", "wan"):
             pytest.skip("separate-forward pipelines: roles come from the cache context")
         with session.roles_for(["perturbed", "cond"]):
             run_tiny_pipeline(pipe, output_type="latent")
-        assert {c.roles for c in observer.seen} == {("perturbed", "cond")}
+        assert {c.roles for c in observer.calls} == {("perturbed", "cond")}
         with pytest.raises(ValueError, match="unknown row roles"):
             with session.roles_for(["cond", "sideways"]):
                 pass
@@ -134,10 +123,10 @@ def test_explicit_roles_override(pipe):
 
 
 def test_layouts_match_the_latent_geometry(pipe):
-    observer = Observer()
+    observer = Recorder()
     with apply(pipe, [observer], **native_options(pipe)):
         run_tiny_pipeline(pipe, output_type="latent")
-    for call in observer.seen:
+    for call in observer.calls:
         t = call.tokens
         if call.site.kind == "cross":
             assert t.k_text is not None and t.k_text.stop == call.kv_len
@@ -196,12 +185,12 @@ def test_layer_indices_are_global_and_in_execution_order(pipe):
 
 
 def test_nested_sessions_compose_and_remove_lifo(pipe, stock):
-    outer_obs, inner_obs = Observer(), Observer()
+    outer_obs, inner_obs = Recorder(), Recorder()
     outer = apply(pipe, [outer_obs])
     inner = apply(pipe, [inner_obs])
     try:
         run_tiny_pipeline(pipe, output_type="latent")
-        assert outer_obs.seen and len(inner_obs.seen) == len(outer_obs.seen)
+        assert outer_obs.calls and len(inner_obs.calls) == len(outer_obs.calls)
         with pytest.raises(RuntimeError, match="LIFO"):
             outer.remove()
     finally:
@@ -219,11 +208,29 @@ def test_unsupported_model_raises_before_patching():
 
 def test_bad_effect_raises_before_patching(pipe):
     before = processors_of(pipe)
-    bad = Observer()
+    bad = Recorder()
     bad.stage = "whenever"
     with pytest.raises(ValueError, match="stage"):
         apply(pipe, [bad])
     assert all(processors_of(pipe)[k] is before[k] for k in before)
+
+
+def test_bad_training_size_raises_before_patching(pipe):
+    before = processors_of(pipe)
+    with pytest.raises(ValueError, match="token grid"):
+        apply(pipe, [EntropyScaling(train_size=(1000, 1001))])
+    assert all(processors_of(pipe)[k] is before[k] for k in before)
+    assert not hasattr(denoiser_of(pipe), "_attnlab_run_state")
+
+
+def test_nested_session_cannot_change_the_geometry(pipe):
+    outer = apply(pipe, [], native_size=(1, 256, 256))
+    try:
+        with pytest.raises(ValueError, match="native_size"):
+            apply(pipe, [], native_size=(1, 512, 512))
+        apply(pipe, []).remove()  # same (default) options are fine
+    finally:
+        outer.remove()
 
 
 def test_public_api_is_lazy_and_complete():
@@ -235,7 +242,7 @@ def test_set_attention_backend_still_reaches_our_processors(family):
     pipe = build_tiny_pipeline(family)
     denoiser = denoiser_of(pipe)
     stock = run_tiny_pipeline(pipe, output_type="latent")
-    with apply(pipe, [Observer()]):
+    with apply(pipe, [Recorder()]):
         denoiser.set_attention_backend("_native_math")
         procs = [m.processor for m in denoiser.modules() if hasattr(m, "set_processor")]
         assert {str(p._attention_backend) for p in procs} == {"AttentionBackendName._NATIVE_MATH"}

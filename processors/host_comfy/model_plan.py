@@ -7,7 +7,6 @@ ComfyUI (tests drive it with the pack's own fake of ComfyUI's contract).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Optional
 
 # model_config class names (supported_models, matched along the MRO) -> family
 CONFIG_FAMILIES = {

@@ -28,6 +28,19 @@ def sdpa(q, k, v, mask=None, scale=None):
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=0.0, is_causal=False, scale=scale)
 
 
+def _split_heads(attn, query, key, value, batch_size, norm_q, norm_k):
+    """[B, N, H·D] projections -> [B, H, N, D] with optional QK-norm, exactly as the legacy processors do."""
+    head_dim = key.shape[-1] // attn.heads
+    query = query.view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)
+    key = key.view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)
+    value = value.view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)
+    if norm_q is not None:
+        query = norm_q(query)
+    if norm_k is not None:
+        key = norm_k(key)
+    return query, key, value, head_dim
+
+
 class _HostProcessor:
     """Shared part: the site, its effect stack, the run state and token-layout bookkeeping."""
 
@@ -121,16 +134,7 @@ class AttnlabAttnProcessor(_HostProcessor):
             encoder_hidden_states = attn.norm_encoder_hidden_states(encoder_hidden_states)
         key = attn.to_k(encoder_hidden_states)
         value = attn.to_v(encoder_hidden_states)
-
-        inner_dim = key.shape[-1]
-        head_dim = inner_dim // attn.heads
-        query = query.view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)
-        key = key.view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)
-        value = value.view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)
-        if attn.norm_q is not None:
-            query = attn.norm_q(query)
-        if attn.norm_k is not None:
-            key = attn.norm_k(key)
+        query, key, value, head_dim = _split_heads(attn, query, key, value, batch_size, attn.norm_q, attn.norm_k)
 
         if self.stack:
             nq, nk = query.shape[2], key.shape[2]
@@ -169,31 +173,15 @@ class AttnlabJointAttnProcessor(_HostProcessor):
         residual = hidden_states
         batch_size = hidden_states.shape[0]
 
-        query = attn.to_q(hidden_states)
-        key = attn.to_k(hidden_states)
-        value = attn.to_v(hidden_states)
-        inner_dim = key.shape[-1]
-        head_dim = inner_dim // attn.heads
-        query = query.view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)
-        key = key.view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)
-        value = value.view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)
-        if attn.norm_q is not None:
-            query = attn.norm_q(query)
-        if attn.norm_k is not None:
-            key = attn.norm_k(key)
+        query, key, value, head_dim = _split_heads(
+            attn, attn.to_q(hidden_states), attn.to_k(hidden_states), attn.to_v(hidden_states), batch_size,
+            attn.norm_q, attn.norm_k)
 
         n_image = query.shape[2]
         if encoder_hidden_states is not None:
-            eq = attn.add_q_proj(encoder_hidden_states)
-            ek = attn.add_k_proj(encoder_hidden_states)
-            ev = attn.add_v_proj(encoder_hidden_states)
-            eq = eq.view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)
-            ek = ek.view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)
-            ev = ev.view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)
-            if attn.norm_added_q is not None:
-                eq = attn.norm_added_q(eq)
-            if attn.norm_added_k is not None:
-                ek = attn.norm_added_k(ek)
+            eq, ek, ev, _ = _split_heads(
+                attn, attn.add_q_proj(encoder_hidden_states), attn.add_k_proj(encoder_hidden_states),
+                attn.add_v_proj(encoder_hidden_states), batch_size, attn.norm_added_q, attn.norm_added_k)
             query = torch.cat([query, eq], dim=2)
             key = torch.cat([key, ek], dim=2)
             value = torch.cat([value, ev], dim=2)
@@ -271,11 +259,15 @@ class _DispatchProcessor(_HostProcessor):
         if not self.stack:
             return self._dispatch(query, key, value, mask, parallel_config)
 
+        qc, kc, vc = query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2)
+
         def kernel(q, k, v, m, scale):
+            if q is qc and k is kc and v is vc and m is mask and scale is None:  # untouched: the stock call
+                return self._dispatch(query, key, value, mask, parallel_config).transpose(1, 2)
             out = self._dispatch(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), m, parallel_config, scale)
             return out.transpose(1, 2)
 
-        call = self._call(query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2), mask, tokens(), rope)
+        call = self._call(qc, kc, vc, mask, tokens(), rope)
         return self.stack.run(call, kernel).transpose(1, 2)
 
 

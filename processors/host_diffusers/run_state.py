@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import inspect
+import math
 from typing import Optional, Sequence
 
 import torch
@@ -128,6 +129,7 @@ class RunStateHook(ModelHook):
         self.context = state._context
         self._signature = inspect.signature(denoiser.forward)
         self._names = list(self._signature.parameters)
+        self._flux_ids = (None, None)  # (img_ids tensor, its grid): pipelines reuse one ids tensor for all steps
 
     def reset_state(self, module):
         self.context.latest = None
@@ -148,7 +150,10 @@ class RunStateHook(ModelHook):
         text_len = None if text is None else int(text.shape[1])
         pt, ph, pw = g.patch
         if family == "flux":
-            grid = _flux_grid(self._arg(args, kwargs, "img_ids"), x.shape[1])
+            ids = self._arg(args, kwargs, "img_ids")
+            if ids is None or ids is not self._flux_ids[0]:
+                self._flux_ids = (ids, _flux_grid(ids, x.shape[1]))
+            grid = self._flux_ids[1] if self._flux_ids[1] and math.prod(self._flux_ids[1]) == x.shape[1] else None
             latent = None if grid is None else (1, grid[1] * ph, grid[2] * pw)
         elif family == "wan":
             latent = tuple(int(s) for s in x.shape[2:5])

@@ -85,6 +85,13 @@ class Session:
 
     def _install_on(self, denoiser: torch.nn.Module) -> None:
         state = getattr(denoiser, _STATE_ATTR, None)
+        if state is not None and any(v is not None for v in self._options.values()):
+            wanted = geometry_of(denoiser, self.pipeline, **self._options)
+            if wanted != state.geometry:
+                raise ValueError(
+                    f"an attnlab session is already installed on this model with {state.geometry}; a nested session "
+                    f"cannot change native_size/vae_scale (asked for {wanted}); remove the outer session first"
+                )
         if state is None:
             state = RunState(geometry_of(denoiser, self.pipeline, **self._options), self.pipeline)
             attach_state(denoiser, state)
