@@ -78,6 +78,13 @@ class TokenLayout:
         span = self.k_text if self.k_text is not None else self.q_text
         return 0 if span is None else span.stop - span.start
 
+    @classmethod
+    def at(cls, grid, scale, native_size, **spans) -> "TokenLayout":
+        """A layout with image grid `grid`, `scale` pixels per token and the grid this layer has at the
+        model's native size (frames, height, width) in pixels."""
+        native = cls(scale=scale).grid_for(native_size) if scale is not None else None
+        return cls(grid=grid, scale=scale, native_grid=native, **spans)
+
     def grid_for(self, size: Sequence[int]) -> tuple[int, int, int]:
         """Token grid of this layer for an input of ``size`` = (frames, height, width) pixels.
 
@@ -89,6 +96,15 @@ class TokenLayout:
         frames, height, width = size
         st, sh, sw = self.scale
         return ((frames - 1) // st + 1, -(-height // sh), -(-width // sw))
+
+
+def unet_level(height: int, width: int, n_tokens: int) -> Optional[tuple[int, int, int]]:
+    """(rows, cols, level) of the UNet resolution level that has `n_tokens` tokens, for a latent of
+    height × width cells; each level halves, rounding up like a stride-2 convolution. None if none does."""
+    h, w, level = height, width, 0
+    while h * w > n_tokens:
+        h, w, level = -(-h // 2), -(-w // 2), level + 1
+    return (h, w, level) if h * w == n_tokens else None
 
 
 @dataclass(frozen=True)

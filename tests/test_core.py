@@ -164,3 +164,13 @@ def test_rope_shift_equals_rope_at_shifted_positions_and_undo_inverts():
     cos2, sin2 = _flux_rope(ids + delta)
     assert (shifted - _rotate(x, cos2.float(), sin2.float())).abs().max() <= 1e-6
     assert torch.allclose(rope.undo(rotated), x, atol=1e-5)
+
+
+def test_unet_level_rounds_up_like_stride_two_convolutions():
+    from attnlab.processors.call import unet_level
+
+    assert unet_level(64, 64, 4096) == (64, 64, 0)
+    assert unet_level(64, 64, 64) == (8, 8, 3)
+    assert unet_level(64, 96, 384) == (16, 24, 2)
+    assert unet_level(15, 17, 8 * 9) == (8, 9, 1)  # odd latents: ceil at every level
+    assert unet_level(64, 64, 1000) is None

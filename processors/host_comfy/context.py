@@ -12,7 +12,7 @@ from typing import Optional
 
 import torch
 
-from ..call import Site, StepInfo, TokenLayout
+from ..call import Site, StepInfo, TokenLayout, unet_level
 from ..effects import EffectStack
 from .model_plan import ModelPlan
 
@@ -88,17 +88,13 @@ class CallContext:
 
     def _grid(self):
         if self.plan.family == "unet":
-            return None  # per level, from activations_shape
+            return None  # per level: from the latent size and the call's token count
         pt, ph, pw = self.plan.patch
         if len(self.latent) == 3:
             t, h, w = self.latent
         else:
             t, (h, w) = 1, self.latent
         return (_ceil_div(t, pt), _ceil_div(h, ph), _ceil_div(w, pw))
-
-    def _layout(self, grid, scale, **spans) -> TokenLayout:
-        native = TokenLayout(scale=scale).grid_for(self.plan.native_size)
-        return TokenLayout(grid=grid, scale=scale, native_grid=native, **spans)
 
     def _cached(self, key, build) -> TokenLayout:
         """Layouts are reused across calls and steps (effects key their caches on them)."""
@@ -133,27 +129,21 @@ class CallContext:
         layer = self.plan.unet_offsets[tindex] + int(bindex)
         name = f"{self.plan.unet_names[tindex]}.transformer_blocks.{bindex}.{'attn1' if kind == 'self' else 'attn2'}"
         site = Site("unet", kind, layer, name)
-        shape, full = options.get("activations_shape"), options.get("original_shape")
-        key = ("unet", kind, n_q, n_k, tuple(shape[-2:]) if shape is not None else None,
-               tuple(full[-2:]) if full is not None else self.latent[-2:])
+        full = options.get("original_shape")
+        key = ("unet", kind, n_q, n_k, tuple(full[-2:]) if full is not None else self.latent[-2:])
         return site, (lambda: self._cached(key, lambda: self._unet_layout(kind, n_q, n_k, options)))
 
     def _unet_layout(self, kind, n_q, n_k, options) -> TokenLayout:
-        shape = options.get("activations_shape")
-        h, w = (int(shape[-2]), int(shape[-1])) if shape is not None else (None, None)
         full = options.get("original_shape")
         H, W = (int(full[-2]), int(full[-1])) if full is not None else self.latent[-2:]
-        if h is None or h * w != n_q:
-            h, w, level = H, W, 0
-            while h * w > n_q:
-                h, w, level = _ceil_div(h, 2), _ceil_div(w, 2), level + 1
-        level, hh = 0, H
-        while hh > h:
-            hh, level = _ceil_div(hh, 2), level + 1
-        px = self.plan.vae_scale[1] * 2**level
+        found = unet_level(H, W, n_q)
         spans = dict(q_image=slice(0, n_q))
         spans["k_text" if kind == "cross" else "k_image"] = slice(0, n_k)
-        return self._layout((1, h, w), (1, px, px), **spans)
+        if found is None:  # a token count no level of this latent has
+            return TokenLayout(**spans)
+        h, w, level = found
+        px = self.plan.vae_scale[1] * 2**level
+        return TokenLayout.at((1, h, w), (1, px, px), self.plan.native_size, **spans)
 
     def _resolve_dit(self, n_q, n_k, options):
         plan = self.plan
@@ -194,10 +184,10 @@ class CallContext:
         if kind in ("joint", "single"):
             n_text = self.text_len or n_q - n_img  # FLUX Kontext reference tokens follow the image span
             text, image = slice(0, n_text), slice(n_text, n_text + n_img)
-            return self._layout(self.grid, scale, q_image=image, k_image=image, q_text=text, k_text=text, text_first=True)
-        if kind == "cross":
-            return self._layout(self.grid, scale, q_image=slice(0, n_q), k_text=slice(0, n_k))
-        return self._layout(self.grid, scale, q_image=slice(0, n_q), k_image=slice(0, n_k))
+            return TokenLayout.at(self.grid, scale, self.plan.native_size, q_image=image, k_image=image, q_text=text,
+                                  k_text=text, text_first=True)
+        k_span = "k_text" if kind == "cross" else "k_image"
+        return TokenLayout.at(self.grid, scale, self.plan.native_size, q_image=slice(0, n_q), **{k_span: slice(0, n_k)})
 
     # --- UNet markers -----------------------------------------------------------------------------
     def announce(self, kind: str, options: dict) -> None:

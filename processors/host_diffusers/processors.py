@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from diffusers.models.attention_dispatch import dispatch_attention_fn
 from diffusers.models.embeddings import apply_rotary_emb
 
-from ..call import AttentionCall, RopeInfo, Site, TokenLayout
+from ..call import AttentionCall, RopeInfo, Site, TokenLayout, unet_level
 from ..effects import EffectStack
 from .model_info import Geometry
 from .run_state import RunState
@@ -48,7 +48,6 @@ class _HostProcessor:
         self.site = site
         self.stack = stack
         self.state = state
-        self.original = original  # the processor this one replaced (restored on removal)
         self._layouts: dict = {}
 
     @property
@@ -62,10 +61,7 @@ class _HostProcessor:
         layout = self._layouts.get(key)
         if layout is None:
             grid, scale = self._grid_and_scale(n_image)
-            native = None
-            if grid is not None:
-                native = TokenLayout(scale=scale).grid_for(self.geometry.native_size)
-            layout = TokenLayout(grid=grid, scale=scale, native_grid=native, **spans())
+            layout = TokenLayout.at(grid, scale, self.geometry.native_size, **spans())
             if len(self._layouts) > 256:
                 self._layouts.clear()
             self._layouts[key] = layout
@@ -77,14 +73,10 @@ class _HostProcessor:
             if grid is None or math.prod(grid) != n_image:
                 return None, None
             return grid, g.token_scale
-        if self.state.latent is None:
+        found = unet_level(*self.state.latent[1:], n_image) if self.state.latent is not None else None
+        if found is None:
             return None, None
-        _, h, w = self.state.latent
-        level = 0
-        while h * w > n_image:
-            h, w, level = -(-h // 2), -(-w // 2), level + 1
-        if h * w != n_image:
-            return None, None
+        h, w, level = found
         px = g.vae_scale[1] * 2**level
         return (1, h, w), (1, px, px)
 
