@@ -79,6 +79,18 @@ def ordered(effects: Sequence[EffectLike]) -> list[EffectLike]:
     return sorted(effects, key=lambda e: STAGES.index(e.stage))
 
 
+def check_effects(effects: Sequence[EffectLike], family: str, token_scale) -> None:
+    """Everything hosts verify before patching: each effect's parameters, its stage, and that it can work
+    on this model (family, pixels per token). Raises ValueError with the parameter and accepted range."""
+    for e in effects:
+        if hasattr(e, "validate"):
+            e.validate()
+    ordered(effects)
+    for e in effects:
+        if hasattr(e, "check_model"):
+            e.check_model(family, token_scale)
+
+
 class EffectStack:
     """The effects that apply at one site, in composition order, over a host kernel."""
 

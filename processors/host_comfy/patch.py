@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from typing import Callable, Optional, Sequence
 
-from ..effects import ordered
+from ..effects import check_effects
 from .context import CONTEXT_KEY, EFFECTS_KEY, OVERRIDE_KEY, CallContext, HostCache
 from .dispatcher import ChainedReplace, Dispatcher
 from .model_plan import ModelPlan, plan_for
@@ -91,12 +91,8 @@ def patch_model(model, effects: Sequence, *, native_size=None, override_supporte
     `optimized_attention`); DiTs then raise, as no other hook reaches their attention.
     """
     effects = list(effects)
-    for e in effects:
-        e.validate()
-    ordered(effects)
     plan = plan_for(model.model, native_size=native_size)
-    for e in effects:
-        e.check_model(plan.family, plan.token_scale)
+    check_effects(effects, plan.family, plan.token_scale)
     if not override_supported and plan.family != "unet":
         raise RuntimeError("attnlab needs ComfyUI 0.3.60 or newer (optimized_attention_override) for DiT models")
 

@@ -12,12 +12,13 @@ must be removed first.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from typing import Iterable, Optional, Sequence
 
 import torch
 
-from ..effects import EffectStack, ordered
+from ..effects import EffectStack, check_effects
 from .model_info import UnsupportedModelError, attention_sites, family_of, geometry_of
 from .processors import PROCESSOR_FOR_KIND, STOCK_PROCESSORS, AttnlabFluxAttnProcessor, _HostProcessor
 from .run_state import RunState, attach_state, detach_state, watch_cfg
@@ -49,17 +50,11 @@ class Session:
     def __init__(self, target, effects: Sequence, *, vae_scale: Optional[int] = None, native_size=None, strict: bool = False):
         self.target = target
         self.effects = list(effects)
-        for e in self.effects:
-            if hasattr(e, "validate"):
-                e.validate()
-        ordered(self.effects)  # raises on unknown stages
         self.pipeline = None if isinstance(target, torch.nn.Module) else target
         self.denoisers = denoisers_of(target)
         for denoiser in self.denoisers:
             geometry = geometry_of(denoiser, self.pipeline, vae_scale=vae_scale, native_size=native_size)
-            for e in self.effects:
-                if hasattr(e, "check_model"):
-                    e.check_model(geometry.family, geometry.token_scale)
+            check_effects(self.effects, geometry.family, geometry.token_scale)
         self._options = dict(vae_scale=vae_scale, native_size=native_size)
         self.strict = strict
         self.sites = []
@@ -164,8 +159,6 @@ class Session:
 
     def roles_for(self, roles: Iterable[str]):
         """Declare row roles for forwards run inside the returned context (all denoisers)."""
-        import contextlib
-
         stack = contextlib.ExitStack()
         for s in self.states:
             stack.enter_context(s.roles_for(roles))
