@@ -3,6 +3,7 @@ prompt, runs; the node changes the result at strength 1 and not at strength 0; b
 error. Runs when COMFYUI_DIR points at a ComfyUI checkout whose dependencies this interpreter has."""
 
 import json
+import os
 import socket
 import subprocess
 import sys
@@ -52,12 +53,14 @@ def server(tmp_path_factory):
     (tmp / "extra.yaml").write_text(f"attnlab:\n    custom_nodes: {packs}\n")
     port = _free_port()
     log = open(tmp / "server.log", "w")
+    env = dict(os.environ)  # the server runs in COMFYUI_DIR: keep relative PYTHONPATH entries working
+    env["PYTHONPATH"] = os.pathsep.join(os.path.abspath(p) for p in env.get("PYTHONPATH", "").split(os.pathsep) if p)
     proc = subprocess.Popen(
         [sys.executable, "main.py", "--cpu", "--listen", "127.0.0.1", "--port", str(port), "--disable-auto-launch",
          "--database-url", "sqlite:///:memory:", "--extra-model-paths-config", str(tmp / "extra.yaml"),
          "--output-directory", str(tmp / "output"), "--disable-all-custom-nodes",
          "--whitelist-custom-nodes", "attnlab", "attnlab_test_pack"],
-        cwd=real_comfy.comfy_dir(), stdout=log, stderr=subprocess.STDOUT)
+        cwd=real_comfy.comfy_dir(), env=env, stdout=log, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
     try:
         for _ in range(180):
