@@ -123,7 +123,7 @@ def cmd_entropy(args) -> dict:
         "model": args.model,
         "family": geometry.family,
         "native_size": list(geometry.native_size),
-        "call": {k: v for k, v in call.items()},
+        "call": dict(call),
         "seed": args.seed,
         "effect": {"strength": args.strength, "train_size": args.train_size, "token_count": args.token_count},
         "lambda_per_layer": dict(sorted(effect.last_lambda.items())),

@@ -107,6 +107,11 @@ def unet_level(height: int, width: int, n_tokens: int) -> Optional[tuple[int, in
     return (h, w, level) if h * w == n_tokens else None
 
 
+def fold_scale_into_q(q: torch.Tensor, scale: Optional[float]) -> torch.Tensor:
+    """For kernels that take no softmax scale: softmax(q·kᵀ·scale) == softmax((q·scale·√d)·kᵀ/√d)."""
+    return q if scale is None else q * (scale * q.shape[-1] ** 0.5)
+
+
 @dataclass(frozen=True)
 class StepInfo:
     """Where the sampler is. Any field may be None when the host cannot know it."""

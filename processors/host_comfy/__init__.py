@@ -7,7 +7,7 @@ fake of ComfyUI's hook contract (tests/fake_comfy), pinned to traces recorded fr
 from .context import CONTEXT_KEY, EFFECTS_KEY, ROLE_KEY, CallContext
 from .dispatcher import ChainedReplace, Dispatcher
 from .model_plan import ModelPlan, UnsupportedComfyModel, family_of, plan_for
-from .patch import Router, effects_on, patch_model
+from .patch import Router, patch_model
 
 __all__ = [
     "CONTEXT_KEY",
@@ -19,7 +19,6 @@ __all__ = [
     "ROLE_KEY",
     "Router",
     "UnsupportedComfyModel",
-    "effects_on",
     "family_of",
     "patch_model",
     "plan_for",

@@ -15,7 +15,7 @@ from typing import Callable, Optional
 
 import torch
 
-from ..call import AttentionCall
+from ..call import AttentionCall, fold_scale_into_q
 from .context import CONTEXT_KEY, CallContext
 
 _POSITIONAL = ("q", "k", "v", "heads", "mask", "attn_precision", "skip_reshape", "skip_output_reshape")
@@ -41,12 +41,18 @@ def _canonical_mask(mask: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
     return mask[None, None] if mask.ndim == 2 else mask[:, None]
 
 
+def _flat(x: torch.Tensor) -> torch.Tensor:
+    """[B, H, N, D] -> ComfyUI's [B, N, H·D]."""
+    b, h, n, d = x.shape
+    return x.transpose(1, 2).reshape(b, n, h * d)
+
+
 class AttentionAdapter:
     """One intercepted attention call: its canonical tensors, and the way back to ComfyUI's layout."""
 
-    def __init__(self, nxt: Callable, args, kwargs):
+    def __init__(self, nxt: Callable, args, kwargs, call: dict):
+        """`call` is `args`/`kwargs` bound to the backend's parameter names."""
         self.nxt, self.args, self.kwargs = nxt, args, kwargs
-        call = _as_kwargs(args, kwargs)
         self.heads = int(call["heads"])
         self.skip_reshape = bool(call.get("skip_reshape", False))
         self.skip_output = bool(call.get("skip_output_reshape", False))
@@ -64,18 +70,14 @@ class AttentionAdapter:
             if self.skip_output:
                 return out
             return out.reshape(out.shape[0], out.shape[1], self.heads, -1).transpose(1, 2)
-        if scale is not None:
-            q = q * (scale * q.shape[-1] ** 0.5)  # ComfyUI backends take no scale: fold it into q
+        q = fold_scale_into_q(q, scale)
         if mask is not None and mask.dtype == torch.bool:
             mask = torch.zeros(mask.shape, dtype=q.dtype, device=q.device).masked_fill(~mask, float("-inf"))
         return self.nxt(q, k, v, self.heads, mask=mask, attn_precision=self.attn_precision,
                         skip_reshape=True, skip_output_reshape=True, **self.extra)
 
     def finish(self, out: torch.Tensor) -> torch.Tensor:
-        if self.skip_output:
-            return out
-        b, h, n, d = out.shape
-        return out.transpose(1, 2).reshape(b, n, h * d)
+        return out if self.skip_output else _flat(out)
 
 
 class Dispatcher:
@@ -96,7 +98,7 @@ class Dispatcher:
         stack = ctx.stack_for(site) if site is not None else None
         if not stack:
             return nxt(*args, **kwargs)
-        adapter = AttentionAdapter(nxt, args, kwargs)
+        adapter = AttentionAdapter(nxt, args, kwargs, call)
         roles = ctx.roles if len(ctx.roles) == adapter.q.shape[0] else None
         attention = AttentionCall(adapter.q, adapter.k, adapter.v, site, layout(), roles, ctx.step, adapter.mask)
         return adapter.finish(stack.run(attention, adapter.kernel))
@@ -131,11 +133,6 @@ class ChainedReplace:
         if not stack:
             return self._base(q, k, v, extra_options)
         heads = int(extra_options["n_heads"])
-
-        def flat(x):
-            b, h, n, d = x.shape
-            return x.transpose(1, 2).reshape(b, n, h * d)
-
         qc, kc, vc = (_to_canonical(x, heads, False) for x in (q, k, v))
 
         def kernel(q2, k2, v2, mask, scale):
@@ -143,11 +140,10 @@ class ChainedReplace:
                 raise NotImplementedError(
                     f"{site.name} is replaced by another node; attnlab cannot pass an attention mask through it"
                 )
-            if scale is not None:
-                q2 = q2 * (scale * q2.shape[-1] ** 0.5)
-            src = (q, k, v) if (q2 is qc and k2 is kc and v2 is vc) else (flat(q2), flat(k2), flat(v2))
+            q2 = fold_scale_into_q(q2, scale)
+            src = (q, k, v) if (q2 is qc and k2 is kc and v2 is vc) else (_flat(q2), _flat(k2), _flat(v2))
             return _to_canonical(self._base(*src, extra_options), heads, False)
 
         roles = ctx.roles if len(ctx.roles) == q.shape[0] else None
         out = stack.run(AttentionCall(qc, kc, vc, site, layout(), roles, ctx.step), kernel)
-        return flat(out)
+        return _flat(out)

@@ -120,7 +120,3 @@ def patch_model(model, effects: Sequence, *, native_size=None, override_supporte
                         setter(ChainedReplace(kind, attention=attention), *key)
     return m
 
-
-def effects_on(model) -> list:
-    """The attnlab effects a (patched) ModelPatcher carries."""
-    return list(model.model_options.get("transformer_options", {}).get(EFFECTS_KEY, []))

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from diffusers.models.attention_dispatch import dispatch_attention_fn
 from diffusers.models.embeddings import apply_rotary_emb
 
-from ..call import AttentionCall, RopeInfo, Site, TokenLayout, unet_level
+from ..call import AttentionCall, RopeInfo, Site, TokenLayout, fold_scale_into_q, unet_level
 from ..effects import EffectStack
 from .model_info import Geometry
 from .run_state import RunState
@@ -240,7 +240,7 @@ class _DispatchProcessor(_HostProcessor):
             if _backend_takes_scale(self._attention_backend):
                 kwargs["scale"] = scale
             else:
-                q = q * (scale * q.shape[-1] ** 0.5)
+                q = fold_scale_into_q(q, scale)
         return dispatch_attention_fn(
             q, k, v, attn_mask=mask, dropout_p=0.0, is_causal=False,
             backend=self._attention_backend, parallel_config=parallel_config, **kwargs,

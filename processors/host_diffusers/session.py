@@ -52,10 +52,11 @@ class Session:
         self.effects = list(effects)
         self.pipeline = None if isinstance(target, torch.nn.Module) else target
         self.denoisers = denoisers_of(target)
-        for denoiser in self.denoisers:
-            geometry = geometry_of(denoiser, self.pipeline, vae_scale=vae_scale, native_size=native_size)
+        self._geometries = [geometry_of(d, self.pipeline, vae_scale=vae_scale, native_size=native_size)
+                            for d in self.denoisers]
+        for geometry in self._geometries:
             check_effects(self.effects, geometry.family, geometry.token_scale)
-        self._options = dict(vae_scale=vae_scale, native_size=native_size)
+        self._explicit_geometry = vae_scale is not None or native_size is not None
         self.strict = strict
         self.sites = []
         self.skipped: list[tuple[str, str]] = []
@@ -70,25 +71,23 @@ class Session:
         if self.installed:
             raise RuntimeError("this session is already installed")
         try:
-            for denoiser in self.denoisers:
-                self._install_on(denoiser)
+            for denoiser, geometry in zip(self.denoisers, self._geometries):
+                self._install_on(denoiser, geometry)
         except BaseException:
             self._restore()
             raise
         self.installed = True
         return self
 
-    def _install_on(self, denoiser: torch.nn.Module) -> None:
+    def _install_on(self, denoiser: torch.nn.Module, geometry) -> None:
         state = getattr(denoiser, _STATE_ATTR, None)
-        if state is not None and any(v is not None for v in self._options.values()):
-            wanted = geometry_of(denoiser, self.pipeline, **self._options)
-            if wanted != state.geometry:
-                raise ValueError(
-                    f"an attnlab session is already installed on this model with {state.geometry}; a nested session "
-                    f"cannot change native_size/vae_scale (asked for {wanted}); remove the outer session first"
-                )
+        if state is not None and self._explicit_geometry and geometry != state.geometry:
+            raise ValueError(
+                f"an attnlab session is already installed on this model with {state.geometry}; a nested session "
+                f"cannot change native_size/vae_scale (asked for {geometry}); remove the outer session first"
+            )
         if state is None:
-            state = RunState(geometry_of(denoiser, self.pipeline, **self._options), self.pipeline)
+            state = RunState(geometry, self.pipeline)
             attach_state(denoiser, state)
             setattr(denoiser, _STATE_ATTR, state)
             self._own_states.append(denoiser)
