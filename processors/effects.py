@@ -62,6 +62,10 @@ class Effect:
         """Raise ValueError if the effect cannot work on this model (family, pixels per token at full
         resolution as (frames, height, width)). Called by hosts before anything is patched."""
 
+    def check_sites(self, sites: Sequence[tuple[Site, int]]) -> None:
+        """Raise ValueError if the effect addresses layers or heads the model does not have. `sites` are
+        the model's attention sites with their head counts. Called by hosts before anything is patched."""
+
 
 class EffectLike(Protocol):
     stage: str
@@ -79,9 +83,11 @@ def ordered(effects: Sequence[EffectLike]) -> list[EffectLike]:
     return sorted(effects, key=lambda e: STAGES.index(e.stage))
 
 
-def check_effects(effects: Sequence[EffectLike], family: str, token_scale) -> None:
+def check_effects(effects: Sequence[EffectLike], family: str, token_scale,
+                  sites: Optional[Sequence[tuple[Site, int]]] = None) -> None:
     """Everything hosts verify before patching: each effect's parameters, its stage, and that it can work
-    on this model (family, pixels per token). Raises ValueError with the parameter and accepted range."""
+    on this model (family, pixels per token, and the attention sites with their head counts when the host
+    knows them). Raises ValueError with the parameter and accepted range."""
     for e in effects:
         if hasattr(e, "validate"):
             e.validate()
@@ -89,6 +95,8 @@ def check_effects(effects: Sequence[EffectLike], family: str, token_scale) -> No
     for e in effects:
         if hasattr(e, "check_model"):
             e.check_model(family, token_scale)
+        if sites is not None and hasattr(e, "check_sites"):
+            e.check_sites(sites)
 
 
 class EffectStack:

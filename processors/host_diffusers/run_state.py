@@ -70,10 +70,10 @@ class RunState:
     # --- filled before each forward -------------------------------------------------------------
     def begin_forward(self, batch: int, latent: tuple[int, int, int], grid, text_len, timestep) -> None:
         self.latent, self.grid, self.text_len = latent, grid, text_len
-        self.roles = self._resolve_roles(batch)
-        self.step = self._resolve_step(timestep)
+        self.roles = self.resolve_roles(batch)
+        self.step = self.resolve_step(timestep)
 
-    def _resolve_roles(self, batch: int) -> tuple[str, ...]:
+    def resolve_roles(self, batch: int) -> tuple[str, ...]:
         if self._role_override:
             roles = self._role_override[-1]
             if len(roles) != batch:
@@ -89,7 +89,7 @@ class RunState:
             return ("uncond",) * half + ("cond",) * half
         return ("cond",) * batch
 
-    def _resolve_step(self, timestep) -> StepInfo:
+    def resolve_step(self, timestep) -> StepInfo:
         t = None
         if timestep is not None:
             t = float(timestep.flatten().max()) if torch.is_tensor(timestep) else float(timestep)

@@ -28,6 +28,11 @@ logger = logging.getLogger("attnlab")
 _STATE_ATTR = "_attnlab_run_state"
 
 
+def site_heads(denoiser: torch.nn.Module) -> list:
+    """(Site, number of heads) of every attention site, for effects that address layers and heads."""
+    return [(spec.site, int(spec.module.heads)) for spec in attention_sites(denoiser)]
+
+
 def denoisers_of(target) -> list[torch.nn.Module]:
     """The denoiser(s) of a pipeline (Wan 2.2 has two), or the target itself if it is a model."""
     if isinstance(target, torch.nn.Module):
@@ -54,8 +59,8 @@ class Session:
         self.denoisers = denoisers_of(target)
         self._geometries = [geometry_of(d, self.pipeline, vae_scale=vae_scale, native_size=native_size)
                             for d in self.denoisers]
-        for geometry in self._geometries:
-            check_effects(self.effects, geometry.family, geometry.token_scale)
+        for denoiser, geometry in zip(self.denoisers, self._geometries):
+            check_effects(self.effects, geometry.family, geometry.token_scale, site_heads(denoiser))
         self._explicit_geometry = vae_scale is not None or native_size is not None
         self.strict = strict
         self.sites = []

@@ -1,0 +1,153 @@
+"""SoftPAG / HeadHunter perturbation guidance on any supported stock diffusers pipeline.
+
+    from attnlab.pipelines.softpag import SoftPAGPipeline
+
+    pag = SoftPAGPipeline.from_pipe(pipe, heads="L7:H3,H5; L9:*", scale=3.0, u=0.5)
+    image = pag("a lighthouse at dusk", guidance_scale=4.0).images[0]     # same arguments as `pipe`
+
+    pag = SoftPAGPipeline.from_pipe(pipe, preset="sd3-medium-layers-7-10")  # shipped / searched presets
+
+One mechanism for SD1.5, SDXL, SD3, FLUX, PixArt and Wan: the SoftPAG effect is installed on the
+self-/joint-attention layers of the head set (active on "perturbed" rows only), and a guidance hook on
+the denoiser runs exactly one extra conditional forward per step with those rows, folding
+``w(ε_c − ε_ptb)`` into the conditional prediction the pipeline then combines with its own CFG
+(`processors/host_diffusers/guidance.py`). Nothing is forked; everything is removed after the call.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Optional, Sequence
+
+import torch
+
+from ..processors.headsets import HeadSet
+from ..processors.host_diffusers import Session
+from ..processors.host_diffusers.guidance import GuidancePass, attach_guidance, cfg_scales, detach_guidance
+from ..processors.host_diffusers.model_info import family_of
+from ..processors.presets import load_preset, preset_options
+from ..processors.softpag import GuidanceSchedule, SoftPAG
+
+_DENOISER_ATTRS = ("unet", "transformer", "transformer_2")
+_AUTO = object()
+
+
+def _denoiser_names(pipe) -> list[str]:
+    return [n for n in _DENOISER_ATTRS if isinstance(getattr(pipe, n, None), torch.nn.Module)]
+
+
+class SoftPAGPipeline:
+    """A stock pipeline with SoftPAG guidance. Calls take exactly the wrapped pipeline's arguments;
+    every other attribute is the wrapped pipeline's.
+
+    heads: head set (text "L7:H3,H5; L9:*", UNet blocks "d2.1-3, m0, u0", {layer: heads}, pairs or HeadSet).
+    scale: w, the perturbation guidance scale (0 = off, no extra pass). u: interpolation toward the target.
+    preset: a shipped preset name or a preset JSON path; explicit arguments override its values.
+    target, path, joint, dual_attention: see `attnlab.processors.softpag.SoftPAG`.
+    start, end: fraction of the steps with guidance (inclusive; default all steps).
+    sigma_min, sigma_max: optional sigma window. adaptive_scale: w_t = max(0, w − a·(1000 − t)).
+    batched: run the perturbed rows inside the pipeline's own forward (one larger batch) instead of a
+        separate forward (default; less memory, and what HeadHunter's code does).
+    effects: further attnlab effects to install for the same run (e.g. EntropyScaling()).
+    """
+
+    def __init__(self, pipe, heads=None, scale: Optional[float] = None, u: Optional[float] = None, *,
+                 preset=None, target: Optional[str] = None, path: str = "linear", joint: Optional[str] = None,
+                 dual_attention: bool = False, start: float = 0.0, end: float = 1.0,
+                 sigma_min: Optional[float] = None, sigma_max: Optional[float] = None, adaptive_scale: float = 0.0,
+                 batched: bool = False, effects: Sequence = (), **session_options):
+        self.pipe = pipe
+        self.names = _denoiser_names(pipe)
+        if not self.names:
+            raise ValueError(f"{type(pipe).__name__} has no unet/transformer; pass a diffusers pipeline")
+        self.family = family_of(getattr(pipe, self.names[0]))
+        options = preset_options(load_preset(preset)) if preset is not None else {}
+        given = {"heads": heads, "u": u, "scale": scale, "target": target, "joint": joint}
+        options.update({k: v for k, v in given.items() if v is not None})
+        if "heads" not in options:
+            raise ValueError("SoftPAG needs `heads` (e.g. 'L7:H3,H5; L9:*') or a `preset`")
+        self.effect = SoftPAG(HeadSet.of(options["heads"]), u=options.get("u", 1.0),
+                              target=options.get("target", "identity"), path=path,
+                              joint=options.get("joint", "full"), dual_attention=dual_attention)
+        self.schedule = GuidanceSchedule(float(options.get("scale", 3.0)), start, end, sigma_min, sigma_max,
+                                         adaptive_scale)
+        self.effect.validate()
+        self.schedule.validate()
+        self.batched = bool(batched)
+        self.extra_effects = list(effects)
+        self.session_options = session_options
+        self.hooks: list[GuidancePass] = []
+        # validate heads/layers against the model now, before any call
+        Session(pipe, [self.effect, *self.extra_effects], **session_options)
+
+    @classmethod
+    def from_pipe(cls, pipe, **options) -> "SoftPAGPipeline":
+        """Wrap an existing pipeline (shares its components; nothing is copied or loaded)."""
+        return cls(pipe, **options)
+
+    def __getattr__(self, name):
+        if name == "pipe":
+            raise AttributeError(name)
+        return getattr(self.pipe, name)
+
+    def __repr__(self) -> str:
+        return f"SoftPAGPipeline({type(self.pipe).__name__}, {self.effect!r}, {self.schedule!r})"
+
+    # --- running ------------------------------------------------------------------------------------
+    def __call__(self, *args, **kwargs):
+        scales = cfg_scales(self.pipe, self.family, args, kwargs)
+        with self.enabled(cfg_scale=scales):
+            return self.pipe(*args, **kwargs)
+
+    @contextlib.contextmanager
+    def enabled(self, cfg_scale=_AUTO):
+        """Install SoftPAG and the guidance hook for the duration of the block, for code that calls the
+        wrapped pipeline itself. `cfg_scale`: the CFG scale the pipeline applies (None: no CFG; a dict per
+        denoiser attribute), by default read from the pipeline's `guidance_scale` / CFG flag as it runs
+        (FLUX true CFG cannot be seen that way: pass it, or call this wrapper instead)."""
+        session = Session(self.pipe, [self.effect, *self.extra_effects], **self.session_options).install()
+        factor = 1000.0 if self.family == "flux" else 1.0
+        self.hooks = []
+        attached = []
+        try:
+            if self.schedule.scale > 0.0 and self.effect.u > 0.0:
+                for name, state in zip(self.names, session.states):
+                    hook = GuidancePass(state, self.schedule.scale_at, "perturbed", self._cfg_reader(name, cfg_scale),
+                                        batched=self.batched, timestep_factor=factor)
+                    denoiser = getattr(self.pipe, name)
+                    attach_guidance(denoiser, hook)
+                    attached.append(denoiser)
+                    self.hooks.append(hook)
+            yield session
+        finally:
+            for denoiser in attached:
+                detach_guidance(denoiser)
+            session.remove()
+
+    def _cfg_reader(self, name: str, cfg_scale):
+        if isinstance(cfg_scale, dict):
+            return lambda: cfg_scale.get(name)
+        if cfg_scale is not _AUTO:
+            return lambda: cfg_scale
+        pipe = self.pipe
+
+        def live() -> Optional[float]:
+            if self.family == "flux":
+                return None
+            on = getattr(pipe, "do_classifier_free_guidance", None)
+            g = getattr(pipe, "_guidance_scale", None)
+            if on is None and g is not None:
+                on = g > 1.0
+            return float(g) if on and g is not None else None
+
+        return live
+
+    @property
+    def extra_passes(self) -> int:
+        """Extra forwards run by the last call (one per step where guidance was active, per denoiser)."""
+        return sum(h.passes for h in self.hooks)
+
+
+def softpag(pipe, heads=None, scale: Optional[float] = None, u: Optional[float] = None, **options) -> SoftPAGPipeline:
+    """Shorthand for `SoftPAGPipeline.from_pipe(pipe, heads=..., scale=..., u=..., **options)`."""
+    return SoftPAGPipeline(pipe, heads=heads, scale=scale, u=u, **options)

@@ -1,0 +1,177 @@
+"""Extra denoiser passes for guidance methods, for any stock diffusers pipeline (no pipeline forks).
+
+A `GuidancePass` hook wraps the denoiser's forward. After the pipeline's own forward it runs one more
+forward on the conditional rows with their role set to e.g. "perturbed" (the installed effects act on
+those rows only) and hands back a corrected conditional prediction, so that the pipeline's own CFG
+arithmetic produces the guided result:
+
+    ε_c' = ε_c + (w/s)(ε_c − ε_extra)   =>   ε_u + s(ε_c' − ε_u) = ε_u + s(ε_c − ε_u) + w(ε_c − ε_extra)
+
+(without CFG: ε_c' = ε_c + w(ε_c − ε_extra)). It works the same whether the pipeline batches
+cat([uncond, cond]) (SD, SDXL, SD3, PixArt) or runs cond and uncond as separate forwards (FLUX, Wan).
+`batched=True` instead appends the extra rows to the pipeline's own forward (one larger batch, like
+diffusers' PAG pipelines). The CFG scale `s` comes from the pipeline call's arguments (`cfg_scales`).
+"""
+
+from __future__ import annotations
+
+import inspect
+from typing import Callable, Optional
+
+import torch
+from diffusers.hooks.hooks import HookRegistry, ModelHook
+
+from ..call import StepInfo
+
+HOOK_NAME = "attnlab_guidance"
+
+
+def take_rows(value, index: list[int], batch: int):
+    """`value` with its batch rows `index` selected: tensors whose first dim is the batch, recursively
+    inside dicts, lists and tuples; anything else (scalar timesteps, position ids, flags) unchanged."""
+    if torch.is_tensor(value):
+        return value[index] if value.ndim > 0 and value.shape[0] == batch else value
+    if isinstance(value, dict):
+        return type(value)((k, take_rows(v, index, batch)) for k, v in value.items())
+    if isinstance(value, (list, tuple)) and not isinstance(value, str):
+        return type(value)(take_rows(v, index, batch) for v in value)
+    return value
+
+
+def _sample_of(output):
+    return output[0] if isinstance(output, tuple) else output.sample
+
+
+def _with_sample(output, sample):
+    if isinstance(output, tuple):
+        return (sample,) + tuple(output[1:])
+    output.sample = sample
+    return output
+
+
+class GuidancePass(ModelHook):
+    """The extra-pass hook on one denoiser.
+
+    scale_at(step, timestep_1000) -> w (0 skips the pass); role: the role of the extra rows;
+    cfg_scale(): the CFG scale `s` the pipeline applies afterwards, or None without CFG.
+    """
+
+    def __init__(self, state, scale_at: Callable[[StepInfo, Optional[float]], float], role: str,
+                 cfg_scale: Callable[[], Optional[float]], batched: bool = False, timestep_factor: float = 1.0):
+        super().__init__()
+        self.state = state
+        self.scale_at = scale_at
+        self.role = role
+        self.cfg_scale = cfg_scale
+        self.batched = batched
+        self.timestep_factor = timestep_factor
+        self._names: list[str] = []
+        self.passes = 0  # extra forwards run (or extra row groups, when batched)
+
+    def initialize_hook(self, module):
+        self._names = list(inspect.signature(module.forward).parameters)
+        return module
+
+    def _batch_of(self, args, kwargs) -> int:
+        first = kwargs.get(self._names[0]) if self._names and self._names[0] in kwargs else (args[0] if args else None)
+        if first is None:
+            first = next(v for v in kwargs.values() if torch.is_tensor(v))
+        return int(first.shape[0])
+
+    def _timestep(self, args, kwargs):
+        if "timestep" in kwargs:
+            return kwargs["timestep"]
+        i = self._names.index("timestep") if "timestep" in self._names else None
+        return args[i] if i is not None and i < len(args) else None
+
+    def _scale_now(self) -> float:
+        step = self.state.step
+        t = None if step.timestep is None else step.timestep * self.timestep_factor
+        return float(self.scale_at(step, t))
+
+    def new_forward(self, module, *args, **kwargs):
+        forward = self.fn_ref.original_forward
+        if self.batched:
+            return self._batched(forward, args, kwargs)
+        output = forward(*args, **kwargs)
+        roles = self.state.roles or ()
+        cond = [i for i, r in enumerate(roles) if r == "cond"]
+        if not cond:
+            return output
+        scale = self._scale_now()
+        if scale == 0.0:
+            return output
+        batch = len(roles)
+        if len(cond) == batch:
+            extra_args, extra_kwargs = args, kwargs
+        else:
+            extra_args, extra_kwargs = take_rows(args, cond, batch), take_rows(kwargs, cond, batch)
+        with self.state.roles_for((self.role,) * len(cond)):
+            extra = _sample_of(forward(*extra_args, **extra_kwargs))
+        self.passes += 1
+        return _with_sample(output, self._corrected(_sample_of(output), extra, cond, scale))
+
+    def _batched(self, forward, args, kwargs):
+        batch = self._batch_of(args, kwargs)
+        roles = self.state.resolve_roles(batch)
+        cond = [i for i, r in enumerate(roles) if r == "cond"]
+        # the step this forward belongs to is known before it runs (the scheduler state is the same)
+        self.state.step = self.state.resolve_step(self._timestep(args, kwargs))
+        scale = self._scale_now() if cond else 0.0
+        if scale == 0.0:
+            return forward(*args, **kwargs)
+        index = list(range(batch)) + cond
+        with self.state.roles_for(tuple(roles) + (self.role,) * len(cond)):
+            output = forward(*take_rows(args, index, batch), **take_rows(kwargs, index, batch))
+        self.passes += 1
+        sample = _sample_of(output)
+        base, extra = sample[:batch], sample[batch:]
+        return _with_sample(output, self._corrected(base, extra, cond, scale))
+
+    def _corrected(self, sample: torch.Tensor, extra: torch.Tensor, cond: list[int], scale: float) -> torch.Tensor:
+        from ..softpag import cond_correction
+
+        s = self.cfg_scale()
+        if s is not None and s == 0.0:
+            raise ValueError("perturbation guidance cannot be folded into a CFG scale of 0; use a CFG scale > 1 or none")
+        fixed = sample.clone()
+        fixed[cond] = cond_correction(sample[cond], extra, scale, s)
+        return fixed
+
+
+def attach_guidance(denoiser: torch.nn.Module, hook: GuidancePass) -> None:
+    registry = HookRegistry.check_if_exists_or_initialize(denoiser)
+    registry.register_hook(hook, HOOK_NAME)
+    registry.invalidate_child_registries_cache()
+
+
+def detach_guidance(denoiser: torch.nn.Module) -> None:
+    registry = getattr(denoiser, "_diffusers_hook", None)
+    if registry is not None and registry.get_hook(HOOK_NAME) is not None:
+        registry.remove_hook(HOOK_NAME, recurse=False)
+
+
+# --- CFG scale from the pipeline call -----------------------------------------------------------------
+def cfg_scales(pipeline, family: str, args: tuple, kwargs: dict) -> dict[str, Optional[float]]:
+    """The CFG scale the pipeline will apply for each denoiser attribute ("unet", "transformer",
+    "transformer_2"), read from the call's arguments; None where the call runs without CFG.
+
+    FLUX: true CFG (`true_cfg_scale` > 1 with a negative prompt); its `guidance_scale` is the distilled
+    guidance embedding, not CFG. Wan 2.2: `guidance_scale_2` for the low-noise transformer.
+    """
+    bound = inspect.signature(type(pipeline).__call__).bind(pipeline, *args, **kwargs)
+    bound.apply_defaults()
+    a = bound.arguments
+    if family == "flux":
+        negative = a.get("negative_prompt") is not None or a.get("negative_prompt_embeds") is not None
+        s = float(a.get("true_cfg_scale") or 1.0)
+        scale = s if s > 1.0 and negative else None
+        return {"transformer": scale, "transformer_2": scale}
+    g = a.get("guidance_scale")
+    g = None if g is None else float(g)
+    on = g is not None and g > 1.0
+    scales = {"unet": g if on else None, "transformer": g if on else None}
+    g2 = a.get("guidance_scale_2")
+    scales["transformer_2"] = (float(g2) if g2 is not None else g) if on else None
+    return scales
+
