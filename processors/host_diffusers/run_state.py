@@ -13,7 +13,7 @@ from __future__ import annotations
 import contextlib
 import inspect
 import math
-from typing import Optional, Sequence
+from typing import Optional
 
 import torch
 from diffusers.hooks.hooks import HookRegistry, ModelHook, StateManager
@@ -49,16 +49,17 @@ class RunState:
         self.latent: Optional[tuple[int, int, int]] = None  # latent cells (frames, height, width)
         self.grid: Optional[tuple[int, int, int]] = None  # image tokens (frames, rows, cols)
         self.text_len: Optional[int] = None
-        self._role_override: list[tuple[str, ...]] = []
+        self._role_override: list = []
         self.cfg_from_encode: Optional[bool] = None  # set by `watch_cfg` for pipelines without the property
         self._context = _ContextSink()
 
     # --- explicit roles -------------------------------------------------------------------------
     @contextlib.contextmanager
-    def roles_for(self, roles: Sequence[str]):
-        """Declare the role of every batch row for forwards run inside this block."""
-        roles = tuple(roles)
-        bad = [r for r in roles if r not in ROLES]
+    def roles_for(self, roles):
+        """Declare the role of every batch row for forwards run inside this block: one role per row, or a
+        single role name for all rows of any batch size."""
+        roles = roles if isinstance(roles, str) else tuple(roles)
+        bad = [r for r in ((roles,) if isinstance(roles, str) else roles) if r not in ROLES]
         if bad:
             raise ValueError(f"unknown row roles {bad}; known roles: {ROLES}")
         self._role_override.append(roles)
@@ -76,6 +77,8 @@ class RunState:
     def resolve_roles(self, batch: int) -> tuple[str, ...]:
         if self._role_override:
             roles = self._role_override[-1]
+            if isinstance(roles, str):
+                return (roles,) * batch
             if len(roles) != batch:
                 raise ValueError(f"roles_for declared {len(roles)} rows but the denoiser got a batch of {batch}")
             return roles

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from typing import Iterable, Optional, Sequence
+from typing import Optional, Sequence
 
 import torch
 
@@ -161,8 +161,9 @@ class Session:
     def state(self) -> RunState:
         return self.states[0]
 
-    def roles_for(self, roles: Iterable[str]):
-        """Declare row roles for forwards run inside the returned context (all denoisers)."""
+    def roles_for(self, roles):
+        """Declare row roles for forwards run inside the returned context (all denoisers): one role per
+        batch row, or one role name for every row."""
         stack = contextlib.ExitStack()
         for s in self.states:
             stack.enter_context(s.roles_for(roles))
