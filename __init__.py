@@ -10,7 +10,8 @@ ComfyUI loads this same folder as a custom node pack through `comfy_entrypoint` 
 Importing the package imports neither diffusers nor ComfyUI; both are loaded on first use.
 """
 
-from .processors import AttentionCall, Effect, EffectStack, EntropyScaling, Site, StepInfo, TokenLayout
+from .processors import (AttentionCall, Effect, EffectStack, EntropyScaling, HeadSet, Site, SoftPAG, StepInfo,
+                         TokenLayout)
 
 __version__ = "0.1.0"
 
@@ -18,6 +19,9 @@ _LAZY = {
     "apply": ("processors.host_diffusers", "apply"),
     "Session": ("processors.host_diffusers", "Session"),
     "entropy_scaling": ("pipelines.entropy", "entropy_scaling"),
+    "SoftPAGPipeline": ("pipelines.softpag", "SoftPAGPipeline"),
+    "softpag": ("pipelines.softpag", "softpag"),
+    "SoftPAGGuider": ("pipelines.softpag_guider", "SoftPAGGuider"),
 }
 
 
@@ -42,11 +46,16 @@ __all__ = [
     "Effect",
     "EffectStack",
     "EntropyScaling",
+    "HeadSet",
     "Session",
     "Site",
+    "SoftPAG",
+    "SoftPAGGuider",
+    "SoftPAGPipeline",
     "StepInfo",
     "TokenLayout",
     "apply",
     "comfy_entrypoint",
     "entropy_scaling",
+    "softpag",
 ]

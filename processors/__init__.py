@@ -7,21 +7,27 @@ framework lazily: `host_diffusers` needs diffusers; `host_comfy` needs ComfyUI o
 from .call import AttentionCall, RopeInfo, Site, StepInfo, TokenLayout
 from .effects import KEEP, STAGES, Effect, EffectStack, Recorder
 from .entropy import EntropyScaling, entropy_lambda
+from .headsets import HeadSet
 from .reference import reference_attention, sdpa_kernel
+from .softpag import GuidanceSchedule, SoftPAG, perturbation_guidance
 
 __all__ = [
     "AttentionCall",
     "Effect",
     "EffectStack",
     "EntropyScaling",
+    "GuidanceSchedule",
+    "HeadSet",
     "KEEP",
     "Recorder",
     "RopeInfo",
     "STAGES",
     "Site",
+    "SoftPAG",
     "StepInfo",
     "TokenLayout",
     "entropy_lambda",
+    "perturbation_guidance",
     "reference_attention",
     "sdpa_kernel",
 ]
