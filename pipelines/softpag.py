@@ -24,7 +24,7 @@ import torch
 from ..processors.headsets import HeadSet
 from ..processors.host_diffusers import Session
 from ..processors.host_diffusers.guidance import GuidancePass, attach_guidance, cfg_scales, detach_guidance
-from ..processors.host_diffusers.model_info import family_of
+from ..processors.host_diffusers.model_info import attention_sites, family_of
 from ..processors.presets import load_preset, preset_options
 from ..processors.softpag import GuidanceSchedule, SoftPAG
 
@@ -61,7 +61,13 @@ class SoftPAGPipeline:
         if not self.names:
             raise ValueError(f"{type(pipe).__name__} has no unet/transformer; pass a diffusers pipeline")
         self.family = family_of(getattr(pipe, self.names[0]))
-        options = preset_options(load_preset(preset)) if preset is not None else {}
+        options = {}
+        if preset is not None:
+            data = load_preset(preset)
+            if data.get("family") not in (None, self.family):
+                raise ValueError(f"preset {data['name']!r} is for {data['family']} models; this pipeline's denoiser is "
+                                 f"{self.family}")
+            options = preset_options(data)
         given = {"heads": heads, "u": u, "scale": scale, "target": target, "joint": joint}
         options.update({k: v for k, v in given.items() if v is not None})
         if "heads" not in options:
@@ -105,12 +111,16 @@ class SoftPAGPipeline:
         wrapped pipeline itself. `cfg_scale`: the CFG scale the pipeline applies (None: no CFG; a dict per
         denoiser attribute), by default read from the pipeline's `guidance_scale` / CFG flag as it runs
         (FLUX true CFG cannot be seen that way: pass it, or call this wrapper instead)."""
+        if cfg_scale is _AUTO and self.family != "flux" and not hasattr(type(self.pipe), "guidance_scale"):
+            raise ValueError(f"{type(self.pipe).__name__} does not expose its CFG scale while it runs; call the "
+                             "SoftPAGPipeline itself, or pass enabled(cfg_scale=<the guidance_scale you use, or None>)")
         session = Session(self.pipe, [self.effect, *self.extra_effects], **self.session_options).install()
         factor = 1000.0 if self.family == "flux" else 1.0
         self.hooks = []
         attached = []
         try:
-            if self.schedule.scale > 0.0 and self.effect.u > 0.0:
+            self._check_installed(session)
+            if self.schedule.scale > 0.0 and any(self.effect.applies(site) for site in session.sites):
                 for name, state in zip(self.names, session.states):
                     hook = GuidancePass(state, self.schedule.scale_at, "perturbed", self._cfg_reader(name, cfg_scale),
                                         batched=self.batched, timestep_factor=factor)
@@ -124,6 +134,16 @@ class SoftPAGPipeline:
                 detach_guidance(denoiser)
             session.remove()
 
+    def _check_installed(self, session) -> None:
+        """Refuse to run when a layer of the head set was left stock (a processor attnlab cannot host):
+        SoftPAG would silently do nothing there."""
+        skipped = dict(session.skipped)
+        for name in self.names:
+            for spec in attention_sites(getattr(self.pipe, name)):
+                if spec.name in skipped and self.effect.applies(spec.site):
+                    raise ValueError(f"SoftPAG layer {spec.site.layer} ({spec.name}) cannot be perturbed: "
+                                     f"{skipped[spec.name]}")
+
     def _cfg_reader(self, name: str, cfg_scale):
         if isinstance(cfg_scale, dict):
             return lambda: cfg_scale.get(name)
@@ -133,12 +153,10 @@ class SoftPAGPipeline:
 
         def live() -> Optional[float]:
             if self.family == "flux":
-                return None
-            on = getattr(pipe, "do_classifier_free_guidance", None)
-            g = getattr(pipe, "_guidance_scale", None)
-            if on is None and g is not None:
-                on = g > 1.0
-            return float(g) if on and g is not None else None
+                return None  # true CFG is only an argument of the call; the hook refuses an uncond pass
+            g = float(pipe.guidance_scale)
+            on = getattr(pipe, "do_classifier_free_guidance", g > 1.0)
+            return g if on else None
 
         return live
 

@@ -26,9 +26,9 @@ from typing import Iterable, Mapping, Optional, Sequence, Union
 ALL = "*"
 
 _RANGE = r"\d+(?:-\d+)?"
-_LAYER_REF = re.compile(rf"^l({_RANGE})$")
-_UNET_REF = re.compile(rf"^([dmu])({_RANGE})(?:\.({_RANGE}))?$")
-_HEAD = re.compile(rf"^h?({_RANGE})$")
+_LAYER_REF = re.compile(rf"^l({_RANGE})$", re.IGNORECASE)
+_UNET_REF = re.compile(rf"^([dmu])({_RANGE})(?:\.({_RANGE}))?$", re.IGNORECASE)
+_HEAD = re.compile(rf"^h?({_RANGE})$", re.IGNORECASE)
 _SYNTAX = "expected entries like 'L7:H3,H5; L9:*', 'L7-10' or UNet blocks 'd2.1-3, m0, u0'"
 
 
@@ -74,7 +74,7 @@ class HeadSet:
             raise TypeError(f"head set text must be a string, got {type(text).__name__}")
         layers: dict[int, object] = {}
         unresolved: list = []
-        for entry in (e.strip() for e in text.lower().replace(" ", "").replace("\t", "").replace("\n", "").split(";")):
+        for entry in ("".join(e.split()) for e in text.split(";")):
             if not entry:
                 continue
             refs, colon, heads_text = entry.partition(":")
@@ -89,8 +89,8 @@ class HeadSet:
                     continue
                 m = _UNET_REF.match(ref)
                 if m:
-                    section, groups, blocks = m.group(1), tuple(_span(m.group(2))), m.group(3)
-                    unresolved.append((UnetRef(section, groups, tuple(_span(blocks)) if blocks else None, ref), heads))
+                    section, groups, blocks = m.group(1).lower(), tuple(_span(m.group(2))), m.group(3)
+                    unresolved.append((UnetRef(section, groups, tuple(_span(blocks)) if blocks else None, ref.lower()), heads))
                     continue
                 raise ValueError(f"head set entry {entry!r}: cannot read {ref!r}; {_SYNTAX}")
         return cls(layers, unresolved)
@@ -223,7 +223,7 @@ def _merge(old, new):
 
 
 def _parse_heads(text: str, entry: str):
-    if text == "*" or text == "all":
+    if text == "*" or text.lower() == "all":
         return ALL
     heads: set[int] = set()
     for part in text.split(","):

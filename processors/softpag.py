@@ -42,8 +42,9 @@ PATHS = ("linear", "fisher_rao")
 JOINT_MODES = ("full", "image")
 PERTURBED = "perturbed"
 
-#: Elements of one explicit-map chunk (fp32): bounds the slow path's memory at about 256 MB.
-_EXPLICIT_CHUNK_ELEMENTS = 1 << 26
+#: Elements of one explicit-map chunk: the slow path keeps about five such tensors alive (logits, map,
+#: target, blend, product), so 2**24 fp32 elements bound it near 320 MB whatever the sequence length.
+_EXPLICIT_CHUNK_ELEMENTS = 1 << 24
 
 
 class SoftPAG(Effect):
@@ -109,13 +110,14 @@ class SoftPAG(Effect):
     def check_sites(self, sites: Sequence[tuple[Site, int]]) -> None:
         """Resolve UNet block refs and check every layer/head exists (sites: (Site, heads) pairs)."""
         usable = [(s, n) for s, n in sites if self.perturbs(s)]
-        family = sites[0][0].family if sites else "this model"
-        groups = tuple(unet_groups((s.layer, s.name) for s, _ in usable)) if family == "unet" else ()
+        what = f"this {sites[0][0].family} model" if sites else "this model"
+        unet = bool(sites) and sites[0][0].family == "unet"
+        groups = tuple(unet_groups((s.layer, s.name) for s, _ in usable)) if unet else ()
         resolved = self.heads.resolve(groups)
         heads_per_layer: dict[int, int] = {}
         for s, n in usable:
             heads_per_layer[s.layer] = n
-        resolved.check(heads_per_layer, f"this {family} model")
+        resolved.check(heads_per_layer, what)
         if self._bound is not None and self._bound[0] != groups and not self.heads.resolved:
             raise ValueError("this SoftPAG effect's UNet block refs were resolved for another UNet; "
                              "create one effect per model")
@@ -158,16 +160,16 @@ def blend_heads(call: AttentionCall, out: torch.Tensor, rows: Sequence[int], hea
     r = torch.as_tensor(list(rows), device=device)
     h = torch.as_tensor(list(heads), device=device)
     sel = (r[:, None], h[None, :])
-    q, k, v = call.q[sel], call.k[sel], call.v[sel]
+    v = call.v[sel]
     o = out[sel]
     if path != "linear" or target == "max" or (call.mask is not None and target in ("uniform", "mean_query")):
-        mixed = _explicit(call, q, k, v, r, h, u, target, path, max_explicit_tokens).to(out.dtype)
+        mixed = _explicit(call, call.q[sel], call.k[sel], v, r, h, u, target, path, max_explicit_tokens).to(out.dtype)
     else:
         wide = torch.promote_types(o.dtype, torch.float32)
         if joint == "image" and call.tokens.q_image is not None and call.tokens.k_text is not None:
             mixed = o.clone()
             qi = call.tokens.q_image
-            img_only = _image_only_identity(call, q, k, v)
+            img_only = _image_only_identity(call, call.q[sel], call.k[sel], v)
             mixed[..., qi, :] = ((1.0 - u) * o[..., qi, :].to(wide) + u * img_only).to(out.dtype)
         else:
             if target == "identity":
@@ -175,8 +177,8 @@ def blend_heads(call: AttentionCall, out: torch.Tensor, rows: Sequence[int], hea
             elif target == "uniform":
                 tgt = v.to(wide).mean(dim=-2, keepdim=True)
             else:  # mean_query
-                q_bar = q.to(wide).mean(dim=-2, keepdim=True)
-                tgt = F.scaled_dot_product_attention(q_bar, k.to(wide), v.to(wide), scale=call.scale)
+                q_bar = call.q[sel].to(wide).mean(dim=-2, keepdim=True)
+                tgt = F.scaled_dot_product_attention(q_bar, call.k[sel].to(wide), v.to(wide), scale=call.scale)
             mixed = ((1.0 - u) * o.to(wide) + u * tgt.to(wide)).to(out.dtype)
     result = out.clone()
     result[sel] = mixed
@@ -190,12 +192,13 @@ def _chunk_rows(n_rows: int, n_keys: int, batch: int) -> int:
 def _image_only_identity(call: AttentionCall, q, k, v) -> torch.Tensor:
     """Attention output of the image query rows when their image→image block is the identity: each image
     query attends to all text keys and to its own key only (diffusers' PAGJointAttnProcessor2_0).
-    fp32 result for the image rows, computed chunk by chunk from image×text logits."""
+    At least fp32, computed chunk by chunk from image×text logits plus the diagonal."""
     if call.mask is not None:
         raise ValueError("SoftPAG joint='image' does not support masked attention calls; use joint='full'")
     t = call.tokens
-    qi, ki, vi = q[..., t.q_image, :].float(), k[..., t.k_image, :].float(), v[..., t.k_image, :].float()
-    kt, vt = k[..., t.k_text, :].float(), v[..., t.k_text, :].float()
+    wide = torch.promote_types(q.dtype, torch.float32)
+    qi, ki, vi = q[..., t.q_image, :].to(wide), k[..., t.k_image, :].to(wide), v[..., t.k_image, :].to(wide)
+    kt, vt = k[..., t.k_text, :].to(wide), v[..., t.k_text, :].to(wide)
     scale = call.default_scale()
     n_img, n_txt = qi.shape[-2], kt.shape[-2]
     step = _chunk_rows(n_img, n_txt + 1, qi.shape[0] * qi.shape[1])
@@ -209,8 +212,9 @@ def _image_only_identity(call: AttentionCall, q, k, v) -> torch.Tensor:
     return torch.cat(parts, dim=-2)
 
 
-def _mask_bias(mask: Optional[torch.Tensor], r, h, rows: slice, n_keys: int) -> Optional[torch.Tensor]:
-    """The call's mask as an additive fp32 bias for the selected rows/heads and query rows."""
+def _mask_bias(mask: Optional[torch.Tensor], r, h, rows: slice, n_keys: int,
+               dtype: torch.dtype = torch.float32) -> Optional[torch.Tensor]:
+    """The call's mask as an additive bias (in `dtype`) for the selected rows/heads and query rows."""
     if mask is None:
         return None
     m = mask
@@ -221,8 +225,8 @@ def _mask_bias(mask: Optional[torch.Tensor], r, h, rows: slice, n_keys: int) -> 
     m = m[:, h] if m.shape[1] > 1 else m
     m = m[..., rows, :] if m.shape[2] > 1 else m
     if m.dtype == torch.bool:
-        return torch.zeros(m.shape, dtype=torch.float32, device=m.device).masked_fill(~m, float("-inf"))
-    return m.float()
+        return torch.zeros(m.shape, dtype=dtype, device=m.device).masked_fill(~m, float("-inf"))
+    return m.to(dtype)
 
 
 def _explicit(call: AttentionCall, q, k, v, r, h, u: float, target: str, path: str, limit: int) -> torch.Tensor:
@@ -239,14 +243,14 @@ def _explicit(call: AttentionCall, q, k, v, r, h, u: float, target: str, path: s
     mean_row = None
     if target == "mean_query":
         logits_bar = q.mean(dim=-2, keepdim=True) @ kt * scale
-        bias = _mask_bias(call.mask, r, h, slice(0, 1), n_k)
+        bias = _mask_bias(call.mask, r, h, slice(0, 1), n_k, wide)
         mean_row = torch.softmax(logits_bar if bias is None else logits_bar + bias[..., :1, :], dim=-1)
     step = _chunk_rows(n_q, n_k, q.shape[0] * q.shape[1])
     parts = []
     for s in range(0, n_q, step):
         e = min(n_q, s + step)
         logits = q[..., s:e, :] @ kt * scale
-        bias = _mask_bias(call.mask, r, h, slice(s, e), n_k)
+        bias = _mask_bias(call.mask, r, h, slice(s, e), n_k, wide)
         if bias is not None:
             logits = logits + bias
         a = torch.softmax(logits, dim=-1)

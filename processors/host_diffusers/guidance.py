@@ -95,6 +95,7 @@ class GuidancePass(ModelHook):
             return self._batched(forward, args, kwargs)
         output = forward(*args, **kwargs)
         roles = self.state.roles or ()
+        self._check_cfg(roles)
         cond = [i for i, r in enumerate(roles) if r == "cond"]
         if not cond:
             return output
@@ -111,12 +112,18 @@ class GuidancePass(ModelHook):
         self.passes += 1
         return _with_sample(output, self._corrected(_sample_of(output), extra, cond, scale))
 
+    def _check_cfg(self, roles) -> None:
+        if "uncond" in roles and self.cfg_scale() is None and self._scale_now() != 0.0:
+            raise RuntimeError("the pipeline runs an unconditional pass (CFG) but the guidance was set up without its "
+                               "CFG scale; call the SoftPAGPipeline itself or pass cfg_scale to enabled()")
+
     def _batched(self, forward, args, kwargs):
         batch = self._batch_of(args, kwargs)
         roles = self.state.resolve_roles(batch)
         cond = [i for i, r in enumerate(roles) if r == "cond"]
         # the step this forward belongs to is known before it runs (the scheduler state is the same)
         self.state.step = self.state.resolve_step(self._timestep(args, kwargs))
+        self._check_cfg(roles)
         scale = self._scale_now() if cond else 0.0
         if scale == 0.0:
             return forward(*args, **kwargs)

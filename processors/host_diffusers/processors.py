@@ -49,6 +49,8 @@ class _HostProcessor:
         self.stack = stack
         self.state = state
         self._layouts: dict = {}
+        # after `fuse_qkv_projections()` the stock processor is diffusers' Fused* variant: mirror that one
+        self.fused = bool(getattr(original, "fused", False)) or type(original).__name__.startswith("Fused")
 
     @property
     def geometry(self) -> Geometry:
@@ -119,13 +121,24 @@ class AttnlabAttnProcessor(_HostProcessor):
         if attn.group_norm is not None:
             hidden_states = attn.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)
 
-        query = attn.to_q(hidden_states)
-        if encoder_hidden_states is None:
-            encoder_hidden_states = hidden_states
-        elif attn.norm_cross:
-            encoder_hidden_states = attn.norm_encoder_hidden_states(encoder_hidden_states)
-        key = attn.to_k(encoder_hidden_states)
-        value = attn.to_v(encoder_hidden_states)
+        if self.fused:  # FusedAttnProcessor2_0
+            if encoder_hidden_states is None:
+                qkv = attn.to_qkv(hidden_states)
+                query, key, value = torch.split(qkv, qkv.shape[-1] // 3, dim=-1)
+            else:
+                if attn.norm_cross:
+                    encoder_hidden_states = attn.norm_encoder_hidden_states(encoder_hidden_states)
+                query = attn.to_q(hidden_states)
+                kv = attn.to_kv(encoder_hidden_states)
+                key, value = torch.split(kv, kv.shape[-1] // 2, dim=-1)
+        else:
+            query = attn.to_q(hidden_states)
+            if encoder_hidden_states is None:
+                encoder_hidden_states = hidden_states
+            elif attn.norm_cross:
+                encoder_hidden_states = attn.norm_encoder_hidden_states(encoder_hidden_states)
+            key = attn.to_k(encoder_hidden_states)
+            value = attn.to_v(encoder_hidden_states)
         query, key, value, head_dim = _split_heads(attn, query, key, value, batch_size, attn.norm_q, attn.norm_k)
 
         if self.stack:
@@ -165,15 +178,25 @@ class AttnlabJointAttnProcessor(_HostProcessor):
         residual = hidden_states
         batch_size = hidden_states.shape[0]
 
-        query, key, value, head_dim = _split_heads(
-            attn, attn.to_q(hidden_states), attn.to_k(hidden_states), attn.to_v(hidden_states), batch_size,
-            attn.norm_q, attn.norm_k)
+        if self.fused:  # FusedJointAttnProcessor2_0 (which applies no QK-norm, so neither do we here)
+            qkv = attn.to_qkv(hidden_states)
+            query, key, value, head_dim = _split_heads(attn, *torch.split(qkv, qkv.shape[-1] // 3, dim=-1), batch_size,
+                                                       None, None)
+        else:
+            query, key, value, head_dim = _split_heads(
+                attn, attn.to_q(hidden_states), attn.to_k(hidden_states), attn.to_v(hidden_states), batch_size,
+                attn.norm_q, attn.norm_k)
 
         n_image = query.shape[2]
         if encoder_hidden_states is not None:
-            eq, ek, ev, _ = _split_heads(
-                attn, attn.add_q_proj(encoder_hidden_states), attn.add_k_proj(encoder_hidden_states),
-                attn.add_v_proj(encoder_hidden_states), batch_size, attn.norm_added_q, attn.norm_added_k)
+            if self.fused:
+                eqkv = attn.to_added_qkv(encoder_hidden_states)
+                eq, ek, ev, _ = _split_heads(attn, *torch.split(eqkv, eqkv.shape[-1] // 3, dim=-1), batch_size,
+                                             None, None)
+            else:
+                eq, ek, ev, _ = _split_heads(
+                    attn, attn.add_q_proj(encoder_hidden_states), attn.add_k_proj(encoder_hidden_states),
+                    attn.add_v_proj(encoder_hidden_states), batch_size, attn.norm_added_q, attn.norm_added_k)
             query = torch.cat([query, eq], dim=2)
             key = torch.cat([key, ek], dim=2)
             value = torch.cat([value, ev], dim=2)
@@ -444,8 +467,8 @@ PROCESSOR_FOR_KIND = {
 
 # The stock processor classes each of ours reproduces; anything else on a module is left alone.
 STOCK_PROCESSORS = {
-    AttnlabAttnProcessor: ("AttnProcessor2_0",),
-    AttnlabJointAttnProcessor: ("JointAttnProcessor2_0",),
+    AttnlabAttnProcessor: ("AttnProcessor2_0", "FusedAttnProcessor2_0"),
+    AttnlabJointAttnProcessor: ("JointAttnProcessor2_0", "FusedJointAttnProcessor2_0"),
     AttnlabFluxAttnProcessor: ("FluxAttnProcessor",),
     AttnlabWanAttnProcessor: ("WanAttnProcessor",),
 }
