@@ -4,7 +4,8 @@ Only `nodes/v3.py` imports ComfyUI (`comfy_api`), and only when ComfyUI loads th
 """
 
 from .entropy import ENTROPY_SCALING
+from .softpag import SOFTPAG
 
-NODE_SPECS = (ENTROPY_SCALING,)
+NODE_SPECS = (ENTROPY_SCALING, SOFTPAG)
 
 __all__ = ["NODE_SPECS"]

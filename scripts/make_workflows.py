@@ -91,7 +91,51 @@ def flux_entropy():
                   "single block; cfg 1 with FluxGuidance as usual.")
 
 
-WORKFLOWS = {"entropy_scaling_sd15.json": sd15_entropy, "entropy_scaling_flux.json": flux_entropy}
+def sdxl_softpag():
+    g = Graph()
+    ckpt = g.node("CheckpointLoaderSimple", ["sd_xl_base_1.0.safetensors"], (0, 120))
+    pag = g.node("AttnlabSoftPAG", [3.0, 1.0, "m0", "none", "identity", "full", -1.0, -1.0, 0.0], (380, 0))
+    pos = g.node("CLIPTextEncode", ["a red fox curled up in fresh snow at dawn, soft light, detailed fur"], (380, 380),
+                 "Positive")
+    neg = g.node("CLIPTextEncode", ["blurry, lowres, watermark"], (380, 600), "Negative")
+    lat = g.node("EmptyLatentImage", [1024, 1024, 1], (380, 820))
+    ks = g.node("KSampler", [42, "fixed", 25, 4.0, "euler", "normal", 1.0], (760, 120))
+    dec = g.node("VAEDecode", [], (1120, 120))
+    save = g.node("SaveImage", ["attnlab_softpag_sdxl"], (1340, 120))
+    g.link(ckpt, 0, pag, "model"); g.link(ckpt, 1, pos, "clip"); g.link(ckpt, 1, neg, "clip")
+    g.link(pag, 0, ks, "model"); g.link(pos, 0, ks, "positive"); g.link(neg, 0, ks, "negative")
+    g.link(lat, 0, ks, "latent_image"); g.link(ks, 0, dec, "samples"); g.link(ckpt, 2, dec, "vae")
+    g.link(dec, 0, save, "images")
+    return g.dump("SDXL with perturbation guidance on the self-attention of the middle block ('m0': all ten "
+                  "transformer blocks, every head; u = 1 is PAG), CFG 4 + guidance 3 as the PAG authors recommend. "
+                  "Select heads ('m0:H0-9'), lower u for SoftPAG, or set scale to 0 to compare with the stock model.")
+
+
+def flux_softpag():
+    g = Graph()
+    unet = g.node("UNETLoader", ["flux1-dev.safetensors", "default"], (0, 0))
+    clip = g.node("DualCLIPLoader", ["clip_l.safetensors", "t5xxl_fp16.safetensors", "flux", "default"], (0, 160))
+    vae = g.node("VAELoader", ["ae.safetensors"], (0, 360))
+    pag = g.node("AttnlabSoftPAG", [8.0, 1.0, "L38:H18", "none", "identity", "full", -1.0, -1.0, 0.0], (380, 0))
+    pos = g.node("CLIPTextEncode", ["a lighthouse on a rocky coast, waves, late afternoon"], (380, 380), "Prompt")
+    guide = g.node("FluxGuidance", [3.5], (760, 380))
+    neg = g.node("ConditioningZeroOut", [], (760, 520))
+    lat = g.node("EmptySD3LatentImage", [1024, 1024, 1], (380, 600))
+    ks = g.node("KSampler", [42, "fixed", 20, 1.0, "euler", "simple", 1.0], (1100, 120))
+    dec = g.node("VAEDecode", [], (1460, 120))
+    save = g.node("SaveImage", ["attnlab_softpag_flux"], (1680, 120))
+    g.link(unet, 0, pag, "model"); g.link(clip, 0, pos, "clip"); g.link(pos, 0, guide, "conditioning")
+    g.link(pos, 0, neg, "conditioning"); g.link(pag, 0, ks, "model"); g.link(guide, 0, ks, "positive")
+    g.link(neg, 0, ks, "negative"); g.link(lat, 0, ks, "latent_image"); g.link(ks, 0, dec, "samples")
+    g.link(vae, 0, dec, "vae"); g.link(dec, 0, save, "images")
+    return g.dump("FLUX.1-dev with head-level perturbation guidance on one head, L38:H18 (layers: double blocks 0-18, "
+                  "then single blocks 19-56), w = 8 as HeadHunter uses for FLUX; HeadHunter shows this head for a "
+                  "'golden hour' look (their FLUX layer numbering is unconfirmed). cfg 1 with FluxGuidance as usual: "
+                  "the guidance adds w·(cond − perturbed) to the conditional prediction, one extra pass per step.")
+
+
+WORKFLOWS = {"entropy_scaling_sd15.json": sd15_entropy, "entropy_scaling_flux.json": flux_entropy,
+             "softpag_sdxl.json": sdxl_softpag, "softpag_flux.json": flux_softpag}
 
 if __name__ == "__main__":
     out = ROOT / "workflows"

@@ -87,3 +87,54 @@ def test_v3_generator_builds_schema_from_spec(monkeypatch):
 
     extension = asyncio.run(attnlab.comfy_entrypoint())
     assert node in asyncio.run(extension.get_node_list())
+
+
+@pytest.mark.parametrize("values,match", [
+    (dict(scale=101.0), r"scale must be in \[0.0, 100.0\]"),
+    (dict(u=-0.1), r"u must be in \[0.0, 1.0\]"),
+    (dict(heads=3), "heads must be text"),
+    (dict(preset="sd3-best"), "preset must be one of"),
+    (dict(target="max"), "target must be one of"),
+    (dict(joint="text"), "joint must be one of"),
+    (dict(sigma_start=-2.0), r"sigma_start must be in \[-1.0, 10000.0\]"),
+    (dict(adaptive_scale=2.0), r"adaptive_scale must be in \[0.0, 1.0\]"),
+    (dict(heads="L1:Hx"), "SoftPAG heads 'L1:Hx': head set entry 'L1:Hx': cannot read head 'Hx'"),
+    (dict(sigma_start=1.0, sigma_end=2.0), "sigma_end .* must be <= sigma_start"),
+])
+def test_bad_softpag_values_are_rejected_before_patching(values, match):
+    from attnlab.nodes.softpag import SOFTPAG
+
+    class Untouchable:
+        def clone(self):
+            raise AssertionError("the model must not be touched when inputs are invalid")
+
+        model = None
+
+    inputs = dict(model=Untouchable(), scale=3.0, u=1.0, heads="L0", preset="none", target="identity", joint="full",
+                  sigma_start=-1.0, sigma_end=-1.0, adaptive_scale=0.0)
+    inputs.update(values)
+    with pytest.raises(ValueError, match=match):
+        SOFTPAG.execute(**inputs)
+
+
+def test_v3_generator_builds_the_softpag_schema(monkeypatch):
+    import importlib
+
+    from attnlab.processors.presets import list_presets
+
+    _stub_comfy_api(monkeypatch)
+    v3 = importlib.import_module("attnlab.nodes.v3")
+    node = next(n for n in v3.NODES if n.__name__ == "AttnlabSoftPAG")
+    schema = node.define_schema()
+    assert schema["node_id"] == "AttnlabSoftPAG" and schema["category"] == "attnlab"
+    kinds = [(i[1], i[2]) for i in schema["inputs"]]
+    assert kinds == [("Model", "model"), ("Float", "scale"), ("Float", "u"), ("String", "heads"), ("Combo", "preset"),
+                     ("Combo", "target"), ("Combo", "joint"), ("Float", "sigma_start"), ("Float", "sigma_end"),
+                     ("Float", "adaptive_scale")]
+    by_id = {i[2]: i[3] for i in schema["inputs"]}
+    assert by_id["heads"]["multiline"] is True and by_id["heads"]["default"] == ""
+    assert by_id["preset"]["options"] == ["none", *list_presets()] and by_id["preset"]["default"] == "none"
+    assert by_id["target"]["options"] == ["identity", "uniform", "mean_query"]
+    assert by_id["joint"]["options"] == ["full", "image"]
+    assert by_id["sigma_start"]["min"] == -1.0 and by_id["sigma_start"]["default"] == -1.0
+    assert schema["outputs"] == [("out", "Model", {"display_name": "model"})]

@@ -43,3 +43,24 @@ def test_validator_catches_mistakes():
     wf["nodes"].append({"id": 99, "type": "NoSuchNode", "inputs": [], "widgets_values": []})
     errors = "\n".join(validate_workflow(wf))
     assert "outside [0.0, 4.0]" in errors and "'pixels' not in" in errors and "unknown type NoSuchNode" in errors
+
+
+def test_softpag_workflows_name_heads_the_models_have():
+    """The head sets typed into the SoftPAG examples parse, and fit the model the workflow loads (FLUX.1: 19 double +
+    38 single blocks of 24 heads; SDXL: down attention blocks of depth 2, 2, 10, 10, mid 10, up 10, 10, 10, 2, 2, 2;
+    10 heads at 640 channels, 20 at 1280)."""
+    from attnlab.nodes.softpag import SOFTPAG
+    from attnlab.processors.headsets import HeadSet
+
+    slot = [p.id for p in SOFTPAG.widgets].index("heads")
+    sdxl_groups = [("d", 0, 2), ("d", 2, 2), ("d", 4, 10), ("d", 14, 10), ("m", 24, 10)] + \
+        [("u", 34 + 10 * i, 10) for i in range(3)] + [("u", 64 + 2 * i, 2) for i in range(3)]
+    found = {}
+    for name, wf in WORKFLOWS.items():
+        for n in wf["nodes"]:
+            if n["type"] == SOFTPAG.node_id:
+                found[name] = HeadSet.parse(n["widgets_values"][slot])
+    assert set(found) == {"softpag_sdxl.json", "softpag_flux.json"}
+    found["softpag_flux.json"].check({layer: 24 for layer in range(57)}, "FLUX.1")
+    sdxl_heads = {layer: 10 if layer < 4 or layer >= 64 else 20 for layer in range(70)}
+    found["softpag_sdxl.json"].resolve(sdxl_groups).check(sdxl_heads, "SDXL")

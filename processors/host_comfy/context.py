@@ -14,7 +14,7 @@ import torch
 
 from ..call import Site, StepInfo, TokenLayout, unet_level
 from ..effects import EffectStack
-from .model_plan import ModelPlan
+from .model_plan import ModelPlan, site_name
 
 logger = logging.getLogger("attnlab")
 
@@ -47,6 +47,20 @@ class HostCache:
             self.layouts.clear()
 
 
+def step_info(sigma, schedule, timestep: Optional[float] = None) -> StepInfo:
+    """The sampler step of `sigma` (a tensor, one value per latent row, or a number): its index in
+    `schedule` (ComfyUI's ``sample_sigmas``, incl. the final 0) when it is one of the schedule's sigmas,
+    the step count, the sigma itself and `timestep` as given."""
+    s = float(sigma.flatten()[0]) if torch.is_tensor(sigma) else (None if sigma is None else float(sigma))
+    if schedule is None or s is None:
+        return StepInfo(sigma=s, timestep=timestep)
+    sched = schedule.flatten().float().cpu() if torch.is_tensor(schedule) else torch.tensor(list(schedule)).float()
+    diffs = (sched[:-1] - s).abs() if len(sched) > 1 else (sched - s).abs()
+    index = int(diffs.argmin())
+    tol = 1e-4 * max(1.0, abs(s))
+    return StepInfo(index if float(diffs[index]) <= tol else None, max(len(sched) - 1, 1), s, timestep)
+
+
 def _ceil_div(a: int, b: int) -> int:
     return -(-a // b)
 
@@ -64,7 +78,7 @@ class CallContext:
         chunk = max(1, x.shape[0] // len(cond_or_uncond))
         forced = transformer_options.get(ROLE_KEY)
         self.roles = tuple(forced if forced else ("uncond" if c == 1 else "cond") for c in cond_or_uncond for _ in range(chunk))
-        self.step = self._step(sigma, transformer_options.get("sample_sigmas"))
+        self.step = step_info(sigma, transformer_options.get("sample_sigmas"))
         self.text_len = 0 if c_crossattn is None else int(c_crossattn.shape[1]) + plan.register_length
         self.latent = tuple(int(s) for s in x.shape[2:])
         self.grid = self._grid()
@@ -75,17 +89,6 @@ class CallContext:
         self.broken: Optional[str] = None
 
     # --- step and geometry ----------------------------------------------------------------------
-    @staticmethod
-    def _step(sigma, schedule) -> StepInfo:
-        s = float(sigma.flatten()[0]) if torch.is_tensor(sigma) else (None if sigma is None else float(sigma))
-        if schedule is None or s is None:
-            return StepInfo(sigma=s)
-        sched = schedule.flatten().float().cpu()
-        diffs = (sched[:-1] - s).abs() if len(sched) > 1 else (sched - s).abs()
-        index = int(diffs.argmin())
-        tol = 1e-4 * max(1.0, abs(s))
-        return StepInfo(index if float(diffs[index]) <= tol else None, max(len(sched) - 1, 1), s, None)
-
     def _grid(self):
         if self.plan.family == "unet":
             return None  # per level: from the latent size and the call's token count
@@ -171,11 +174,7 @@ class CallContext:
             return None, None
         if kind == "cross_image":
             return None, None  # Wan I2V attention to CLIP image tokens: left stock
-        name = {"flux": ("double_blocks.{}" if kind == "joint" else "single_blocks.{}"),
-                "sd3": "joint_blocks.{}" + (".x_block.attn2" if kind == "self" else ""),
-                "wan": "blocks.{}." + ("self_attn" if kind == "self" else "cross_attn")}[plan.family]
-        index = layer - plan.double_blocks if kind == "single" else layer
-        site = Site(plan.family, kind, layer, name.format(index))
+        site = Site(plan.family, kind, layer, site_name(plan, kind, layer))
         key = (plan.family, kind, n_q, n_k, self.grid, self.text_len)
         return site, (lambda: self._cached(key, lambda: self._dit_layout(kind, n_q, n_k, n_img)))
 

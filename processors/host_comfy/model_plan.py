@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from ..call import Site
+
 # model_config class names (supported_models, matched along the MRO) -> family
 CONFIG_FAMILIES = {
     "SD15": "unet", "SD20": "unet", "SD21UnclipL": "unet", "SDXL": "unet", "SDXLRefiner": "unet", "SSD1B": "unet",
@@ -120,3 +122,47 @@ def plan_for(base_model, native_size=None) -> ModelPlan:
             calls.append(("cross_image", i))
         calls.append(("cross", i))
     return ModelPlan("wan", config_name, (4, spatial), patch, native, tuple(calls))
+
+
+def site_name(plan: ModelPlan, kind: str, layer: int) -> str:
+    """Module path of a DiT attention site (kind, global layer), as the sites of `plan_sites` name it."""
+    if plan.family == "flux":
+        return f"double_blocks.{layer}" if kind == "joint" else f"single_blocks.{layer - plan.double_blocks}"
+    if plan.family == "sd3":
+        return f"joint_blocks.{layer}" + (".x_block.attn2" if kind == "self" else "")
+    if plan.family == "wan":
+        return f"blocks.{layer}." + ("self_attn" if kind == "self" else "cross_attn")
+    raise ValueError(f"no DiT site names for family {plan.family!r}")
+
+
+def _dit_heads(plan: ModelPlan, dm, kind: str, layer: int) -> int:
+    if plan.family == "flux":
+        block = dm.double_blocks[layer] if kind == "joint" else dm.single_blocks[layer - plan.double_blocks]
+        return int(block.num_heads)
+    if plan.family == "sd3":
+        x_block = dm.joint_blocks[layer].x_block
+        return int((x_block.attn2 if kind == "self" else x_block.attn).num_heads)
+    block = dm.blocks[layer]
+    return int((block.self_attn if kind == "self" else block.cross_attn).num_heads)
+
+
+def plan_sites(plan: ModelPlan, base_model) -> list[tuple[Site, int]]:
+    """Every attention site of the model with its head count, as `check_effects` takes them: UNet attn1/attn2
+    of each BasicTransformerBlock (``input_blocks.4.1.transformer_blocks.0.attn1``, global layers in execution
+    order), FLUX double/single blocks, SD3 joint blocks (+ MMDiT-X attn2), Wan self/text-cross attention.
+    Wan I2V's attention to CLIP image tokens is no site (effects never see it)."""
+    dm = base_model.diffusion_model
+    sites: list[tuple[Site, int]] = []
+    if plan.family == "unet":
+        modules = dict(dm.named_modules())
+        for offset, name in zip(plan.unet_offsets, plan.unet_names):
+            for b, block in enumerate(modules[name].transformer_blocks):
+                for kind, attn in (("self", "attn1"), ("cross", "attn2")):
+                    site = Site("unet", kind, offset + b, f"{name}.transformer_blocks.{b}.{attn}")
+                    sites.append((site, int(getattr(block, attn).heads)))
+        return sites
+    for kind, layer in plan.calls:
+        if kind == "cross_image":
+            continue
+        sites.append((Site(plan.family, kind, layer, site_name(plan, kind, layer)), _dit_heads(plan, dm, kind, layer)))
+    return sites

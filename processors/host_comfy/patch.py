@@ -18,7 +18,8 @@ from typing import Callable, Optional, Sequence
 from ..effects import check_effects
 from .context import CONTEXT_KEY, EFFECTS_KEY, OVERRIDE_KEY, CallContext, HostCache
 from .dispatcher import ChainedReplace, Dispatcher
-from .model_plan import ModelPlan, plan_for
+from .guidance import normal_pass_effects
+from .model_plan import ModelPlan, plan_for, plan_sites
 
 APPLY_MODEL = "apply_model"  # comfy.patcher_extension.WrappersMP.APPLY_MODEL
 WRAPPER_KEY = "attnlab"
@@ -34,7 +35,7 @@ class Router:
     def __call__(self, executor, x, t, c_concat=None, c_crossattn=None, control=None, transformer_options=None,
                  *args, **kwargs):
         options = transformer_options if transformer_options is not None else {}
-        effects = options.get(EFFECTS_KEY) or ()
+        effects = normal_pass_effects(options.get(EFFECTS_KEY) or (), options)
         if not effects:
             return executor(x, t, c_concat, c_crossattn, control, transformer_options, *args, **kwargs)
         self.cache.trim()
@@ -82,17 +83,26 @@ def _unet_blocks(plan: ModelPlan, model) -> list[tuple[str, int, int]]:
     return keys
 
 
+def check_patch(model, effects: Sequence, *, native_size=None) -> ModelPlan:
+    """Everything `patch_model` checks before it clones, without patching: the model is supported, and the
+    effects' parameters, stages, model fit and layers/heads (against the model's attention sites) are valid.
+    Raises ValueError (`UnsupportedComfyModel` for models) naming the parameter and the accepted range."""
+    plan = plan_for(model.model, native_size=native_size)
+    check_effects(list(effects), plan.family, plan.token_scale, plan_sites(plan, model.model))
+    return plan
+
+
 def patch_model(model, effects: Sequence, *, native_size=None, override_supported: bool = True,
                 attention: Optional[Callable] = None):
     """A clone of `model` (a ComfyUI ModelPatcher) with `effects` added; the caller's model is untouched.
 
-    Everything is validated before the clone is made. `override_supported=False` (ComfyUI < 0.3.60)
+    Everything is validated before the clone is made (`check_patch`: the model, the effects, and the
+    layers/heads they address against the model's attention sites). `override_supported=False` (ComfyUI < 0.3.60)
     routes UNet attention through replace patches whose kernel is `attention` (ComfyUI's
     `optimized_attention`); DiTs then raise, as no other hook reaches their attention.
     """
     effects = list(effects)
-    plan = plan_for(model.model, native_size=native_size)
-    check_effects(effects, plan.family, plan.token_scale)
+    plan = check_patch(model, effects, native_size=native_size)
     if not override_supported and plan.family != "unet":
         raise RuntimeError("attnlab needs ComfyUI 0.3.60 or newer (optimized_attention_override) for DiT models")
 
