@@ -81,27 +81,32 @@ def server(tmp_path_factory):
 
 
 def _tiny_prompt(strength=1.0, token_count="joint"):
-    """The SD1.5 example workflow as an API prompt, with the model files swapped for the test pack's tiny
-    seeded model and conditionings, a small latent, 2 steps, and the image save replaced by SaveLatent."""
-    prompt = ui_to_api(load_workflows()["entropy_scaling_sd15.json"])
+    """The SD1.5 entropy example workflow on the test pack's tiny model (see `_workflow_prompt`)."""
+    return _workflow_prompt("entropy_scaling_sd15.json", "sd15", "AttnlabEntropyScaling", f"latents/s{strength}",
+                            strength=strength, token_count=token_count)
+
+
+def _workflow_prompt(workflow: str, family: str, node_type: str, prefix: str, **node_inputs):
+    """An example workflow as an API prompt, with the model files swapped for the test pack's tiny seeded
+    `family` model and conditionings, a small latent, 2 steps, the image save replaced by SaveLatent
+    (files `prefix`_*.latent) and `node_inputs` set on the attnlab node."""
+    prompt = ui_to_api(load_workflows()[workflow])
     by_type = {}
     for node_id, node in prompt.items():
         by_type.setdefault(node["class_type"], []).append(node_id)
     ckpt = by_type["CheckpointLoaderSimple"][0]
-    prompt[ckpt] = {"class_type": "AttnlabTestTinyModel", "inputs": {"family": "sd15", "seed": 0}}
+    prompt[ckpt] = {"class_type": "AttnlabTestTinyModel", "inputs": {"family": family, "seed": 0}}
     for i, node_id in enumerate(by_type["CLIPTextEncode"]):
         prompt[node_id] = {"class_type": "AttnlabTestTinyConditioning",
-                           "inputs": {"family": "sd15", "seed": 0, "negative": i == 1}}
+                           "inputs": {"family": family, "seed": 0, "negative": i == 1}}
     prompt[by_type["EmptyLatentImage"][0]]["inputs"].update(width=128, height=128)
     ks = prompt[by_type["KSampler"][0]]["inputs"]
     ks.update(steps=2)
     sampler_id = by_type["KSampler"][0]
     for node_id in by_type["VAEDecode"] + by_type["SaveImage"]:
         del prompt[node_id]
-    prompt["99"] = {"class_type": "SaveLatent", "inputs": {"samples": [sampler_id, 0],
-                                                          "filename_prefix": f"latents/s{strength}"}}
-    ent = prompt[by_type["AttnlabEntropyScaling"][0]]["inputs"]
-    ent.update(strength=strength, token_count=token_count)
+    prompt["99"] = {"class_type": "SaveLatent", "inputs": {"samples": [sampler_id, 0], "filename_prefix": prefix}}
+    prompt[by_type[node_type][0]]["inputs"].update(node_inputs)
     return prompt
 
 
@@ -117,9 +122,13 @@ def _run(url, prompt):
 
 
 def _latent(tmp, strength):
+    return _saved(tmp, f"s{strength}")
+
+
+def _saved(tmp, stem):
     from safetensors.torch import load_file
 
-    files = sorted((tmp / "output" / "latents").glob(f"s{strength}_*.latent"))
+    files = sorted((tmp / "output" / "latents").glob(f"{stem}_*.latent"))
     return load_file(str(files[-1]))["latent_tensor"]
 
 
@@ -162,3 +171,30 @@ def test_example_workflows_are_served_as_templates(server):
     url, _ = server
     templates = _get(f"{url}/workflow_templates")
     assert sorted(templates["attnlab"]) == sorted(p.stem for p in (ROOT / "workflows").glob("*.json"))
+
+
+def test_softpag_workflow_runs_and_the_node_acts(server):
+    """The SDXL SoftPAG example (heads 'm0', CFG 4) on the tiny SDXL model: it perturbs, scale 0 is the
+    stock sampler bit for bit."""
+    url, tmp = server
+    info = _get(f"{url}/object_info/AttnlabSoftPAG")["AttnlabSoftPAG"]
+    assert info["category"] == "attnlab" and "sd3-medium-layers-7-10" in json.dumps(info["input"]["required"]["preset"])
+    on = _run(url, _workflow_prompt("softpag_sdxl.json", "sdxl", "AttnlabSoftPAG", "latents/pag_on", scale=3.0))
+    off = _run(url, _workflow_prompt("softpag_sdxl.json", "sdxl", "AttnlabSoftPAG", "latents/pag_off", scale=0.0))
+    stock = _workflow_prompt("softpag_sdxl.json", "sdxl", "AttnlabSoftPAG", "latents/pag_stock")
+    node = next(k for k, v in stock.items() if v["class_type"] == "AttnlabSoftPAG")
+    sampler = next(k for k, v in stock.items() if v["class_type"] == "KSampler")
+    stock[sampler]["inputs"]["model"] = stock[node]["inputs"]["model"]
+    del stock[node]
+    for result in (on, off, _run(url, stock)):
+        assert result["status"]["status_str"] == "success"
+    a, b, c = _saved(tmp, "pag_on"), _saved(tmp, "pag_off"), _saved(tmp, "pag_stock")
+    assert torch.isfinite(a).all() and not torch.equal(a, c)
+    assert torch.equal(b, c)
+
+
+def test_softpag_bad_heads_give_a_clear_error(server):
+    url, _ = server
+    result = _run(url, _workflow_prompt("softpag_sdxl.json", "sdxl", "AttnlabSoftPAG", "latents/pag_bad", heads="L99:*"))
+    assert result["status"]["status_str"] == "error"
+    assert "layer 99 is out of range" in json.dumps(result["status"]["messages"])
