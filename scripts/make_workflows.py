@@ -52,86 +52,82 @@ class Graph:
                 "extra": {"attnlab_note": note, "ds": {"scale": 0.8, "offset": [0, 0]}}, "version": 0.4}
 
 
-def sd15_entropy():
+NEGATIVE = "blurry, lowres, watermark"
+
+
+def checkpoint_graph(ckpt: str, patch: tuple[str, list], prompt: str, size: int, steps: int, cfg: float,
+                     save: str, note: str):
+    """SD1.5/SDXL-style graph: checkpoint -> attnlab node -> KSampler with a positive and a negative prompt."""
     g = Graph()
-    ckpt = g.node("CheckpointLoaderSimple", ["v1-5-pruned-emaonly.safetensors"], (0, 120))
-    ent = g.node("AttnlabEntropyScaling", [1.0, 0, 0, "joint"], (380, 0))
-    pos = g.node("CLIPTextEncode", ["a cozy reading nook with a window seat, warm evening light, detailed"], (380, 200), "Positive")
-    neg = g.node("CLIPTextEncode", ["blurry, lowres, watermark"], (380, 420), "Negative")
-    lat = g.node("EmptyLatentImage", [1024, 1024, 1], (380, 640))
-    ks = g.node("KSampler", [42, "fixed", 25, 7.0, "euler", "normal", 1.0], (760, 120))
+    model = g.node("CheckpointLoaderSimple", [ckpt], (0, 120))
+    node = g.node(patch[0], patch[1], (380, 0))
+    pos = g.node("CLIPTextEncode", [prompt], (380, 380), "Positive")
+    neg = g.node("CLIPTextEncode", [NEGATIVE], (380, 600), "Negative")
+    lat = g.node("EmptyLatentImage", [size, size, 1], (380, 820))
+    ks = g.node("KSampler", [42, "fixed", steps, cfg, "euler", "normal", 1.0], (760, 120))
     dec = g.node("VAEDecode", [], (1120, 120))
-    save = g.node("SaveImage", ["attnlab_entropy_sd15"], (1340, 120))
-    g.link(ckpt, 0, ent, "model"); g.link(ckpt, 1, pos, "clip"); g.link(ckpt, 1, neg, "clip")
-    g.link(ent, 0, ks, "model"); g.link(pos, 0, ks, "positive"); g.link(neg, 0, ks, "negative")
-    g.link(lat, 0, ks, "latent_image"); g.link(ks, 0, dec, "samples"); g.link(ckpt, 2, dec, "vae")
-    g.link(dec, 0, save, "images")
-    return g.dump("SD1.5 sampled at 1024x1024, twice its 512 training size, with entropy scaling. "
-                  "Set strength to 0 to compare with the stock model.")
+    out = g.node("SaveImage", [save], (1340, 120))
+    g.link(model, 0, node, "model"); g.link(model, 1, pos, "clip"); g.link(model, 1, neg, "clip")
+    g.link(node, 0, ks, "model"); g.link(pos, 0, ks, "positive"); g.link(neg, 0, ks, "negative")
+    g.link(lat, 0, ks, "latent_image"); g.link(ks, 0, dec, "samples"); g.link(model, 2, dec, "vae")
+    g.link(dec, 0, out, "images")
+    return g.dump(note)
+
+
+def flux_graph(patch: tuple[str, list], prompt: str, size: int, save: str, note: str):
+    """FLUX.1-dev graph: UNET/CLIP/VAE loaders -> attnlab node -> KSampler at cfg 1 with FluxGuidance 3.5."""
+    g = Graph()
+    unet = g.node("UNETLoader", ["flux1-dev.safetensors", "default"], (0, 0))
+    clip = g.node("DualCLIPLoader", ["clip_l.safetensors", "t5xxl_fp16.safetensors", "flux", "default"], (0, 160))
+    vae = g.node("VAELoader", ["ae.safetensors"], (0, 360))
+    node = g.node(patch[0], patch[1], (380, 0))
+    pos = g.node("CLIPTextEncode", [prompt], (380, 380), "Prompt")
+    guide = g.node("FluxGuidance", [3.5], (760, 380))
+    neg = g.node("ConditioningZeroOut", [], (760, 520))
+    lat = g.node("EmptySD3LatentImage", [size, size, 1], (380, 600))
+    ks = g.node("KSampler", [42, "fixed", 20, 1.0, "euler", "simple", 1.0], (1100, 120))
+    dec = g.node("VAEDecode", [], (1460, 120))
+    out = g.node("SaveImage", [save], (1680, 120))
+    g.link(unet, 0, node, "model"); g.link(clip, 0, pos, "clip"); g.link(pos, 0, guide, "conditioning")
+    g.link(pos, 0, neg, "conditioning"); g.link(node, 0, ks, "model"); g.link(guide, 0, ks, "positive")
+    g.link(neg, 0, ks, "negative"); g.link(lat, 0, ks, "latent_image"); g.link(ks, 0, dec, "samples")
+    g.link(vae, 0, dec, "vae"); g.link(dec, 0, out, "images")
+    return g.dump(note)
+
+
+def sd15_entropy():
+    return checkpoint_graph(
+        "v1-5-pruned-emaonly.safetensors", ("AttnlabEntropyScaling", [1.0, 0, 0, "joint"]),
+        "a cozy reading nook with a window seat, warm evening light, detailed", 1024, 25, 7.0, "attnlab_entropy_sd15",
+        "SD1.5 sampled at 1024x1024, twice its 512 training size, with entropy scaling. "
+        "Set strength to 0 to compare with the stock model.")
 
 
 def flux_entropy():
-    g = Graph()
-    unet = g.node("UNETLoader", ["flux1-dev.safetensors", "default"], (0, 0))
-    clip = g.node("DualCLIPLoader", ["clip_l.safetensors", "t5xxl_fp16.safetensors", "flux", "default"], (0, 160))
-    vae = g.node("VAELoader", ["ae.safetensors"], (0, 360))
-    ent = g.node("AttnlabEntropyScaling", [1.0, 0, 0, "joint"], (380, 0))
-    pos = g.node("CLIPTextEncode", ["an aerial photograph of a winding river through autumn forest"], (380, 200), "Prompt")
-    guide = g.node("FluxGuidance", [3.5], (760, 200))
-    neg = g.node("ConditioningZeroOut", [], (760, 340))
-    lat = g.node("EmptySD3LatentImage", [2048, 2048, 1], (380, 480))
-    ks = g.node("KSampler", [42, "fixed", 20, 1.0, "euler", "simple", 1.0], (1100, 120))
-    dec = g.node("VAEDecode", [], (1460, 120))
-    save = g.node("SaveImage", ["attnlab_entropy_flux"], (1680, 120))
-    g.link(unet, 0, ent, "model"); g.link(clip, 0, pos, "clip"); g.link(pos, 0, guide, "conditioning")
-    g.link(pos, 0, neg, "conditioning"); g.link(ent, 0, ks, "model"); g.link(guide, 0, ks, "positive")
-    g.link(neg, 0, ks, "negative"); g.link(lat, 0, ks, "latent_image"); g.link(ks, 0, dec, "samples")
-    g.link(vae, 0, dec, "vae"); g.link(dec, 0, save, "images")
-    return g.dump("FLUX.1-dev at 2048x2048 (4x its 1024 training area) with entropy scaling on every joint and "
-                  "single block; cfg 1 with FluxGuidance as usual.")
+    return flux_graph(
+        ("AttnlabEntropyScaling", [1.0, 0, 0, "joint"]),
+        "an aerial photograph of a winding river through autumn forest", 2048, "attnlab_entropy_flux",
+        "FLUX.1-dev at 2048x2048 (4x its 1024 training area) with entropy scaling on every joint and "
+        "single block; cfg 1 with FluxGuidance as usual.")
 
 
 def sdxl_softpag():
-    g = Graph()
-    ckpt = g.node("CheckpointLoaderSimple", ["sd_xl_base_1.0.safetensors"], (0, 120))
-    pag = g.node("AttnlabSoftPAG", [3.0, 1.0, "m0", "none", "identity", "full", -1.0, -1.0, 0.0], (380, 0))
-    pos = g.node("CLIPTextEncode", ["a red fox curled up in fresh snow at dawn, soft light, detailed fur"], (380, 380),
-                 "Positive")
-    neg = g.node("CLIPTextEncode", ["blurry, lowres, watermark"], (380, 600), "Negative")
-    lat = g.node("EmptyLatentImage", [1024, 1024, 1], (380, 820))
-    ks = g.node("KSampler", [42, "fixed", 25, 4.0, "euler", "normal", 1.0], (760, 120))
-    dec = g.node("VAEDecode", [], (1120, 120))
-    save = g.node("SaveImage", ["attnlab_softpag_sdxl"], (1340, 120))
-    g.link(ckpt, 0, pag, "model"); g.link(ckpt, 1, pos, "clip"); g.link(ckpt, 1, neg, "clip")
-    g.link(pag, 0, ks, "model"); g.link(pos, 0, ks, "positive"); g.link(neg, 0, ks, "negative")
-    g.link(lat, 0, ks, "latent_image"); g.link(ks, 0, dec, "samples"); g.link(ckpt, 2, dec, "vae")
-    g.link(dec, 0, save, "images")
-    return g.dump("SDXL with perturbation guidance on the self-attention of the middle block ('m0': all ten "
-                  "transformer blocks, every head; u = 1 is PAG), CFG 4 + guidance 3 as the PAG authors recommend. "
-                  "Select heads ('m0:H0-9'), lower u for SoftPAG, or set scale to 0 to compare with the stock model.")
+    return checkpoint_graph(
+        "sd_xl_base_1.0.safetensors", ("AttnlabSoftPAG", [3.0, 1.0, "m0", "none", "identity", "full", -1.0, -1.0, 0.0]),
+        "a red fox curled up in fresh snow at dawn, soft light, detailed fur", 1024, 25, 4.0, "attnlab_softpag_sdxl",
+        "SDXL with perturbation guidance on the self-attention of the middle block ('m0': all ten "
+        "transformer blocks, every head; u = 1 is PAG), CFG 4 + guidance 3 as the PAG authors recommend. "
+        "Select heads ('m0:H0-9'), lower u for SoftPAG, or set scale to 0 to compare with the stock model.")
 
 
 def flux_softpag():
-    g = Graph()
-    unet = g.node("UNETLoader", ["flux1-dev.safetensors", "default"], (0, 0))
-    clip = g.node("DualCLIPLoader", ["clip_l.safetensors", "t5xxl_fp16.safetensors", "flux", "default"], (0, 160))
-    vae = g.node("VAELoader", ["ae.safetensors"], (0, 360))
-    pag = g.node("AttnlabSoftPAG", [8.0, 1.0, "L38:H18", "none", "identity", "full", -1.0, -1.0, 0.0], (380, 0))
-    pos = g.node("CLIPTextEncode", ["a lighthouse on a rocky coast, waves, late afternoon"], (380, 380), "Prompt")
-    guide = g.node("FluxGuidance", [3.5], (760, 380))
-    neg = g.node("ConditioningZeroOut", [], (760, 520))
-    lat = g.node("EmptySD3LatentImage", [1024, 1024, 1], (380, 600))
-    ks = g.node("KSampler", [42, "fixed", 20, 1.0, "euler", "simple", 1.0], (1100, 120))
-    dec = g.node("VAEDecode", [], (1460, 120))
-    save = g.node("SaveImage", ["attnlab_softpag_flux"], (1680, 120))
-    g.link(unet, 0, pag, "model"); g.link(clip, 0, pos, "clip"); g.link(pos, 0, guide, "conditioning")
-    g.link(pos, 0, neg, "conditioning"); g.link(pag, 0, ks, "model"); g.link(guide, 0, ks, "positive")
-    g.link(neg, 0, ks, "negative"); g.link(lat, 0, ks, "latent_image"); g.link(ks, 0, dec, "samples")
-    g.link(vae, 0, dec, "vae"); g.link(dec, 0, save, "images")
-    return g.dump("FLUX.1-dev with head-level perturbation guidance on one head, L38:H18 (layers: double blocks 0-18, "
-                  "then single blocks 19-56), w = 8 as HeadHunter uses for FLUX; HeadHunter shows this head for a "
-                  "'golden hour' look (their FLUX layer numbering is unconfirmed). cfg 1 with FluxGuidance as usual: "
-                  "the guidance adds w·(cond − perturbed) to the conditional prediction, one extra pass per step.")
+    return flux_graph(
+        ("AttnlabSoftPAG", [8.0, 1.0, "L38:H18", "none", "identity", "full", -1.0, -1.0, 0.0]),
+        "a lighthouse on a rocky coast, waves, late afternoon", 1024, "attnlab_softpag_flux",
+        "FLUX.1-dev with head-level perturbation guidance on one head, L38:H18 (layers: double blocks 0-18, "
+        "then single blocks 19-56), w = 8 as HeadHunter uses for FLUX; HeadHunter shows this head for a "
+        "'golden hour' look (their FLUX layer numbering is unconfirmed). cfg 1 with FluxGuidance as usual: "
+        "the guidance adds w·(cond − perturbed) to the conditional prediction, one extra pass per step.")
 
 
 WORKFLOWS = {"entropy_scaling_sd15.json": sd15_entropy, "entropy_scaling_flux.json": flux_entropy,
