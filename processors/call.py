@@ -19,7 +19,7 @@ FAMILIES = ("unet", "sd3", "flux", "pixart", "wan")
 KINDS = ("self", "cross", "joint", "single")
 
 #: Row roles a host or pipeline may assign. Effects select rows by role, never by position.
-ROLES = ("cond", "uncond", "perturbed", "reference", "target", "window", "full", "other")
+ROLES = ("cond", "uncond", "perturbed", "redirected", "reference", "target", "window", "full", "other")
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,298 @@
+"""Attentive Eraser (AAS + SARG, AAAI 2025, arXiv 2412.12974): object removal by self-attention redirection.
+
+AAS acts on self-attention of the rows whose role is "redirected" (the extra pass of SARG guidance):
+every query is barred from the object keys, and during the first steps the object queries' logits are
+multiplied by `ss_scale` λ (similarity suppression):
+
+    O_i = Σ_j softmax_j(s_i·q_i·k_j/√d + b_j)·v_j      b_j = −∞ on object keys, s_i = λ on object queries
+
+computed as one call of the host's kernel on the *gathered* background keys (no N×N map, no mask, so fast
+kernels still apply); `kernel="bias"` passes a 0/−∞ key bias instead. A layer whose token mask covers every
+image token (or none) is left unchanged. In joint attention (SD3, FLUX) text keys stay open; text queries
+are barred from the object keys too unless `mask_text_queries=False`.
+
+SARG: ε̃ = ε + s(ε_AAS − ε) (s = 9 for SD models), i.e. perturbation guidance with w = −s; the hosts' extra
+pass machinery runs it (`pipelines/eraser.py`, the ComfyUI node).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .call import AttentionCall, Site, TokenLayout
+from .effects import Attend, Effect
+from .headsets import HeadSet
+
+REDIRECTED = "redirected"
+KERNELS = ("gather", "bias")
+
+
+# --- masks ------------------------------------------------------------------------------------------
+def as_mask_tensor(mask) -> torch.Tensor:
+    """A user mask (PIL image, ndarray or tensor; (H, W), (H, W, C), (1, H, W), (B, 1, H, W); bool, int or
+    float; 1/True/white = remove) as a float tensor [B, 1, H, W] with values in {0, 1}.
+    Float masks are thresholded at 0.5 (anti-aliased edges count as object from half coverage)."""
+    if mask is None:
+        raise ValueError("Attentive Eraser needs a mask (1 = object to remove)")
+    if hasattr(mask, "convert") and hasattr(mask, "size"):  # PIL
+        mask = np.asarray(mask.convert("L"), dtype=np.float32) / 255.0
+    if isinstance(mask, np.ndarray):
+        if mask.dtype.kind not in "biuf":
+            raise ValueError(f"mask must be boolean or numeric, got an array of dtype {mask.dtype}")
+        if mask.dtype.kind in "iu" and mask.max(initial=0) > 1:
+            mask = mask.astype(np.float32) / 255.0
+        mask = torch.from_numpy(np.ascontiguousarray(mask))
+    if not torch.is_tensor(mask):
+        raise ValueError(f"mask must be a PIL image, numpy array or torch tensor, got {type(mask).__name__}")
+    if mask.is_complex():
+        raise ValueError("mask must be real-valued")
+    m = mask.detach().float()
+    if m.ndim == 3 and m.shape[-1] in (1, 3, 4) and m.shape[0] not in (1,):  # (H, W, C)
+        m = m[..., :1].permute(2, 0, 1) if m.shape[-1] != 1 else m.permute(2, 0, 1)
+    if m.ndim == 2:
+        m = m[None, None]
+    elif m.ndim == 3:
+        m = m[:, None] if m.shape[0] != 1 else m[None]
+    if m.ndim != 4 or m.shape[1] != 1:
+        raise ValueError(f"mask must be (H, W), (H, W, C), (1, H, W) or (B, 1, H, W); got shape {tuple(mask.shape)}")
+    if not torch.isfinite(m).all():
+        raise ValueError("mask contains NaN or infinite values")
+    if m.shape[-1] < 2 or m.shape[-2] < 2:
+        raise ValueError(f"mask is too small ({m.shape[-2]}x{m.shape[-1]} pixels)")
+    return (m >= 0.5).float()
+
+
+def dilate(mask: torch.Tensor, dilate_px: float) -> torch.Tensor:
+    """Blur-and-threshold dilation (the official preprocessing): a Gaussian blur whose σ makes a straight
+    edge grow by about `dilate_px` pixels (edge growth ≈ 1.28σ at threshold 0.1), then ≥ 0.1 → 1."""
+    if dilate_px <= 0:
+        return mask
+    sigma = dilate_px / 1.28
+    k = 2 * math.ceil(3 * sigma) + 1
+    x = torch.arange(k, dtype=torch.float32) - (k - 1) / 2
+    g = torch.exp(-0.5 * (x / sigma) ** 2)
+    g = g / g.sum()
+    pad = k // 2
+    m = F.pad(mask, (pad, pad, pad, pad), mode="constant", value=0.0)
+    m = F.conv2d(m, g.view(1, 1, 1, k))
+    m = F.conv2d(m, g.view(1, 1, k, 1))
+    return (m >= 0.1).float()
+
+
+def token_mask(mask: torch.Tensor, grid: tuple[int, int, int]) -> torch.Tensor:
+    """Object tokens of a (frames, rows, cols) grid, raster order frame-major: a token is object if any of
+    its pixels is (adaptive max-pooling, any aspect ratio). Returns bool [B, frames·rows·cols]."""
+    t, h, w = grid
+    pooled = F.adaptive_max_pool2d(mask, (h, w)) > 0.5  # [B, 1, h, w]
+    return pooled.flatten(1).repeat(1, t)
+
+
+# --- the effect -------------------------------------------------------------------------------------
+class AttentiveEraser(Effect):
+    """AAS on the rows whose role is "redirected".
+
+    mask: the object mask (see `as_mask_tensor`), at any resolution and aspect ratio; one mask for all rows
+        (or one per redirected row). dilate_px: blur-and-threshold dilation in mask pixels (official: ≈ 2–3 px
+        at 512², ≈ 15 px at 1024²).
+    ss_scale: λ for object queries (1 = no similarity suppression). ss_steps: λ applies while the step index
+        (among the executed steps) is ≤ ss_steps (official 9, i.e. 10 steps). start_step: AAS from this step.
+    layers: which layers (head-set text such as "L34-69" or "u0-8", or layer numbers); default: UNet up-block
+        self-attention (the official SD 7–15 / SDXL 34–69); DiTs (experimental): FLUX single blocks, SD3,
+        PixArt and Wan the second half of their blocks.
+    mask_text_queries: in joint attention also bar text queries from the object keys (default True).
+    kernel: "gather" (drop the object keys; default) or "bias" (0/−∞ key bias).
+    """
+
+    stage = "mask"
+    name = "attentive_eraser"
+
+    def __init__(self, mask, ss_scale: float = 0.3, ss_steps: int = 9, start_step: int = 0, layers=None,
+                 dilate_px: float = 0.0, mask_text_queries: bool = True, kernel: str = "gather"):
+        self.mask = dilate(as_mask_tensor(mask), float(dilate_px))
+        self.ss_scale = float(ss_scale)
+        self.ss_steps = int(ss_steps)
+        self.start_step = int(start_step)
+        self.layers = None if layers is None else (layers if isinstance(layers, HeadSet) else HeadSet.of(
+            layers if isinstance(layers, str) else {int(x): "*" for x in layers}))
+        self.dilate_px = float(dilate_px)
+        self.mask_text_queries = bool(mask_text_queries)
+        self.kernel = kernel
+        self._layers: Optional[frozenset] = None
+        self._tokens: dict = {}
+
+    def __repr__(self) -> str:
+        return (f"AttentiveEraser(mask={tuple(self.mask.shape)}, ss_scale={self.ss_scale}, ss_steps={self.ss_steps}, "
+                f"layers={None if self.layers is None else str(self.layers)!r}, kernel={self.kernel!r})")
+
+    def __deepcopy__(self, memo):  # ComfyUI deep-copies model_options on clone; the effect is immutable in use
+        return self
+
+    # --- validation ---------------------------------------------------------------------------------
+    def validate(self) -> None:
+        if not (0.0 < self.ss_scale <= 1.0) or math.isnan(self.ss_scale):
+            raise ValueError(f"Attentive Eraser ss_scale must be in (0, 1] (1 = no similarity suppression), got {self.ss_scale}")
+        if self.ss_steps < -1:
+            raise ValueError(f"Attentive Eraser ss_steps must be >= -1 (-1 = never), got {self.ss_steps}")
+        if self.start_step < 0:
+            raise ValueError(f"Attentive Eraser start_step must be >= 0, got {self.start_step}")
+        if self.kernel not in KERNELS:
+            raise ValueError(f"Attentive Eraser kernel must be one of {KERNELS}, got {self.kernel!r}")
+        if self.dilate_px < 0 or not math.isfinite(self.dilate_px):
+            raise ValueError(f"Attentive Eraser dilate_px must be >= 0, got {self.dilate_px}")
+
+    @staticmethod
+    def acts_on(site: Site) -> bool:
+        return site.kind in ("self", "joint", "single")
+
+    def check_sites(self, sites: Sequence[tuple[Site, int]]) -> None:
+        usable = [s for s, _ in sites if self.acts_on(s)]
+        if not usable:
+            raise ValueError("this model has no self-attention layers Attentive Eraser can redirect")
+        layers = sorted({s.layer for s in usable})
+        if self.layers is None:
+            self._layers = frozenset(default_layers(usable))
+            return
+        from .headsets import unet_groups
+
+        groups = unet_groups((s.layer, s.name) for s in usable) if usable[0].family == "unet" else ()
+        resolved = self.layers.resolve(groups)
+        resolved.check({layer: 1 for layer in layers}, f"this {usable[0].family} model")
+        self._layers = frozenset(resolved.layers)
+
+    def applies(self, site: Site) -> bool:
+        if not self.acts_on(site):
+            return False
+        if self._layers is None:
+            raise ValueError("install Attentive Eraser through a host (attnlab.apply / the ComfyUI node) so its "
+                             "layers are resolved against the model")
+        return site.layer in self._layers
+
+    # --- the effect ---------------------------------------------------------------------------------
+    def _object_tokens(self, grid, device) -> torch.Tensor:
+        key = (grid, device)
+        found = self._tokens.get(key)
+        if found is None:
+            if len(self._tokens) > 64:
+                self._tokens.clear()
+            found = self._tokens[key] = token_mask(self.mask, grid).to(device)
+        return found
+
+    def ss_active(self, step) -> bool:
+        return self.ss_scale != 1.0 and step.index is not None and step.index <= self.ss_steps
+
+    def __call__(self, call: AttentionCall, attend: Attend) -> torch.Tensor:
+        rows = call.rows_with(REDIRECTED)
+        t = call.tokens
+        if (not rows or call.q_len != call.kv_len or t.grid is None or t.k_image is None
+                or (call.step.index is not None and call.step.index < self.start_step)):
+            return attend(call.q, call.k, call.v)
+        obj = self._object_tokens(t.grid, call.q.device)
+        if obj.shape[1] != t.k_image.stop - t.k_image.start:
+            return attend(call.q, call.k, call.v)
+        per_row = obj if obj.shape[0] == len(rows) else obj[:1].expand(len(rows), -1)
+        if not per_row.any() or per_row.all(dim=1).any():
+            return attend(call.q, call.k, call.v)  # nothing to remove, or a level fully covered: skip the layer
+        if len(rows) == call.batch:
+            return self._redirect(call, attend, rows, per_row)
+        plain = [i for i in range(call.batch) if i not in set(rows)]
+        out = torch.empty_like(call.v)
+        out[plain] = _attend_rows(call, attend, plain)
+        out[rows] = self._redirect(call, attend, rows, per_row)
+        return out
+
+    def _redirect(self, call: AttentionCall, attend: Attend, rows: list[int], obj: torch.Tensor) -> torch.Tensor:
+        """AAS for `rows` (obj: bool [len(rows), N_image], at least one background token in each row)."""
+        t = call.tokens
+        q, k, v = call.q[rows], call.k[rows], call.v[rows]
+        keep = torch.ones(len(rows), call.kv_len, dtype=torch.bool, device=q.device)
+        keep[:, t.k_image] = ~obj
+        if self.ss_active(call.step):
+            row_scale = torch.ones(len(rows), call.q_len, dtype=q.dtype, device=q.device)
+            row_scale[:, t.q_image] = torch.where(obj, torch.tensor(self.ss_scale, dtype=q.dtype, device=q.device),
+                                                  torch.ones((), dtype=q.dtype, device=q.device))
+            q = q * row_scale[:, None, :, None]
+        roles = (REDIRECTED,) * len(rows)
+        mask = _rows_of(call.mask, rows, call.batch)
+        text_open = not self.mask_text_queries and t.q_text is not None
+        layout = t
+        if text_open:  # text queries keep every key: attend them separately
+            out = torch.empty_like(v)
+            out[..., t.q_text, :] = attend(q[..., t.q_text, :], k, v, mask=_query_rows(mask, t.q_text), roles=roles)
+            q = q[..., t.q_image, :]
+            mask = _query_rows(mask, t.q_image)
+            n = t.q_image.stop - t.q_image.start
+            layout = TokenLayout(slice(0, n), None, t.k_image, t.k_text, t.grid, t.scale, t.native_grid, t.text_first,
+                                 t.text_segments)
+        if self.kernel == "bias" or (keep != keep[:1]).any():
+            bias = torch.zeros(keep.shape, dtype=q.dtype, device=q.device).masked_fill(~keep, float("-inf"))[:, None, None, :]
+            bias = bias if mask is None else _add_mask(mask, bias)
+            res = attend(q, k, v, mask=bias, roles=roles, tokens=layout)
+        else:
+            idx = keep[0].nonzero().squeeze(1)
+            res = attend(q, k[..., idx, :], v[..., idx, :], mask=None if mask is None else mask[..., idx],
+                         roles=roles, tokens=_gathered_layout(layout, int(obj[0].sum())))
+        if text_open:
+            out[..., t.q_image, :] = res
+            return out
+        return res
+
+
+def default_layers(sites: Sequence[Site]) -> list[int]:
+    """The official UNet choice (every up-block self-attention: SD 7–15, SDXL 34–69) or, for DiTs (no
+    official recipe), FLUX's single blocks and the second half of SD3's, PixArt's and Wan's blocks."""
+    family = sites[0].family
+    if family == "unet":
+        return sorted({s.layer for s in sites if s.name.split(".")[0] in ("up_blocks", "output_blocks")})
+    if family == "flux":
+        return sorted({s.layer for s in sites if s.kind == "single"})
+    layers = sorted({s.layer for s in sites})
+    return layers[len(layers) // 2:]
+
+
+def _gathered_layout(t: TokenLayout, removed: int) -> TokenLayout:
+    """The key spans after dropping `removed` object image keys (query spans unchanged)."""
+    n_img = t.k_image.stop - t.k_image.start - removed
+    if t.k_text is None:
+        k_image, k_text = slice(0, n_img), None
+    elif t.text_first:
+        k_text, k_image = t.k_text, slice(t.k_text.stop, t.k_text.stop + n_img)
+    else:
+        k_image = slice(0, n_img)
+        k_text = slice(n_img, n_img + t.k_text.stop - t.k_text.start)
+    return TokenLayout(t.q_image, t.q_text, k_image, k_text, t.grid, t.scale, t.native_grid, t.text_first,
+                       t.text_segments)
+
+
+def _rows_of(mask: Optional[torch.Tensor], rows: list[int], batch: int) -> Optional[torch.Tensor]:
+    if mask is None:
+        return None
+    return mask[rows] if mask.ndim == 4 and mask.shape[0] == batch and batch > 1 else mask
+
+
+def _query_rows(mask: Optional[torch.Tensor], span: slice) -> Optional[torch.Tensor]:
+    if mask is None or mask.ndim < 2 or mask.shape[-2] == 1:
+        return mask
+    return mask[..., span, :]
+
+
+def _add_mask(mask: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    if mask.dtype == torch.bool:
+        mask = torch.zeros(mask.shape, dtype=bias.dtype, device=bias.device).masked_fill(~mask, float("-inf"))
+    return mask.to(bias.dtype) + bias
+
+
+def _attend_rows(call: AttentionCall, attend: Attend, rows: list[int]) -> torch.Tensor:
+    roles = None if call.roles is None else tuple(call.roles[i] for i in rows)
+    return attend(call.q[rows], call.k[rows], call.v[rows], mask=_rows_of(call.mask, rows, call.batch), roles=roles)
+
+
+def sarg(plain: torch.Tensor, redirected: torch.Tensor, scale: float) -> torch.Tensor:
+    """SARG: ε̃ = ε + s(ε_AAS − ε). Affine (weights sum to 1), so valid for ε, x0, v or flow velocity."""
+    if scale == 0.0:
+        return plain
+    return plain + scale * (redirected - plain)
