@@ -114,12 +114,25 @@ def fold_scale_into_q(q: torch.Tensor, scale: Optional[float]) -> torch.Tensor:
 
 @dataclass(frozen=True)
 class StepInfo:
-    """Where the sampler is. Any field may be None when the host cannot know it."""
+    """Where the sampler is. Any field may be None when the host cannot know it.
+
+    index/count: position in the scheduler's full schedule (so `progress` is comparable across
+    strengths); first: the index of the first step this run executes (img2img/inpaint runs start
+    part-way, at index > 0), so `executed` counts the run's own steps from 0.
+    """
 
     index: Optional[int] = None
     count: Optional[int] = None
     sigma: Optional[float] = None
     timestep: Optional[float] = None
+    first: Optional[int] = None
+
+    @property
+    def executed(self) -> Optional[int]:
+        """Steps this run has executed before this one (index − first)."""
+        if self.index is None:
+            return None
+        return self.index - (self.first or 0)
 
     @property
     def progress(self) -> Optional[float]:

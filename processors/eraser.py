@@ -34,9 +34,10 @@ KERNELS = ("gather", "bias")
 
 # --- masks ------------------------------------------------------------------------------------------
 def as_mask_tensor(mask) -> torch.Tensor:
-    """A user mask (PIL image, ndarray or tensor; (H, W), (H, W, C), (1, H, W), (B, 1, H, W); bool, int or
-    float; 1/True/white = remove) as a float tensor [B, 1, H, W] with values in {0, 1}.
-    Float masks are thresholded at 0.5 (anti-aliased edges count as object from half coverage)."""
+    """A user mask (PIL image, ndarray or tensor; (H, W), (H, W, C) with C in 1/3/4 and H > 4 (first channel),
+    (B, H, W) as ComfyUI's MASK, (B, 1, H, W); bool, int or float; 1/True/white = remove) as a float tensor
+    [B, 1, H, W] with values in {0, 1}. Integer masks with values above 1 are 8-bit images (255 = remove);
+    values are thresholded at 0.5 (anti-aliased edges count as object from half coverage)."""
     if mask is None:
         raise ValueError("Attentive Eraser needs a mask (1 = object to remove)")
     if hasattr(mask, "convert") and hasattr(mask, "size"):  # PIL
@@ -44,16 +45,16 @@ def as_mask_tensor(mask) -> torch.Tensor:
     if isinstance(mask, np.ndarray):
         if mask.dtype.kind not in "biuf":
             raise ValueError(f"mask must be boolean or numeric, got an array of dtype {mask.dtype}")
-        if mask.dtype.kind in "iu" and mask.max(initial=0) > 1:
-            mask = mask.astype(np.float32) / 255.0
         mask = torch.from_numpy(np.ascontiguousarray(mask))
     if not torch.is_tensor(mask):
         raise ValueError(f"mask must be a PIL image, numpy array or torch tensor, got {type(mask).__name__}")
     if mask.is_complex():
         raise ValueError("mask must be real-valued")
     m = mask.detach().float()
-    if m.ndim == 3 and m.shape[-1] in (1, 3, 4) and m.shape[0] not in (1,):  # (H, W, C)
-        m = m[..., :1].permute(2, 0, 1) if m.shape[-1] != 1 else m.permute(2, 0, 1)
+    if not mask.is_floating_point() and mask.dtype != torch.bool and m.numel() and m.max() > 1:
+        m = m / 255.0  # an 8-bit image: white (255) = remove
+    if m.ndim == 3 and m.shape[-1] in (1, 3, 4) and m.shape[0] > 4:  # (H, W, C); else (B, H, W) as ComfyUI's MASK
+        m = m[..., :1].permute(2, 0, 1)
     if m.ndim == 2:
         m = m[None, None]
     elif m.ndim == 3:
@@ -68,20 +69,16 @@ def as_mask_tensor(mask) -> torch.Tensor:
 
 
 def dilate(mask: torch.Tensor, dilate_px: float) -> torch.Tensor:
-    """Blur-and-threshold dilation (the official preprocessing): a Gaussian blur whose σ makes a straight
-    edge grow by about `dilate_px` pixels (edge growth ≈ 1.28σ at threshold 0.1), then ≥ 0.1 → 1."""
-    if dilate_px <= 0:
+    """Grow the mask by `dilate_px` pixels in every direction (a disk). The official code blurs and
+    thresholds at 0.1 instead, which grows large objects by about as much (≈ 1.28σ) but can shrink or
+    erase thin ones; a disk never loses an object pixel."""
+    r = int(math.floor(dilate_px))
+    if r <= 0:
         return mask
-    sigma = dilate_px / 1.28
-    k = 2 * math.ceil(3 * sigma) + 1
-    x = torch.arange(k, dtype=torch.float32) - (k - 1) / 2
-    g = torch.exp(-0.5 * (x / sigma) ** 2)
-    g = g / g.sum()
-    pad = k // 2
-    m = F.pad(mask, (pad, pad, pad, pad), mode="constant", value=0.0)
-    m = F.conv2d(m, g.view(1, 1, 1, k))
-    m = F.conv2d(m, g.view(1, 1, k, 1))
-    return (m >= 0.1).float()
+    y, x = torch.meshgrid(torch.arange(-r, r + 1), torch.arange(-r, r + 1), indexing="ij")
+    disk = ((x * x + y * y) <= dilate_px * dilate_px).float()[None, None]
+    grown = F.conv2d(F.pad(mask, (r, r, r, r)), disk) > 0.5
+    return grown.float()
 
 
 def token_mask(mask: torch.Tensor, grid: tuple[int, int, int]) -> torch.Tensor:
@@ -97,10 +94,11 @@ class AttentiveEraser(Effect):
     """AAS on the rows whose role is "redirected".
 
     mask: the object mask (see `as_mask_tensor`), at any resolution and aspect ratio; one mask for all rows
-        (or one per redirected row). dilate_px: blur-and-threshold dilation in mask pixels (official: ≈ 2–3 px
-        at 512², ≈ 15 px at 1024²).
+        (or one per redirected row). dilate_px: disk dilation in mask pixels (the official blur-and-threshold
+        grows masks by ≈ 2–3 px at 512², ≈ 15 px at 1024²).
     ss_scale: λ for object queries (1 = no similarity suppression). ss_steps: λ applies while the step index
-        (among the executed steps) is ≤ ss_steps (official 9, i.e. 10 steps). start_step: AAS from this step.
+        (`StepInfo.executed`: counted from the run's first executed step) is ≤ ss_steps (official 9, i.e. 10
+        steps). start_step: AAS from this executed step on.
     layers: which layers (head-set text such as "L34-69" or "u0-8", or layer numbers); default: UNet up-block
         self-attention (the official SD 7–15 / SDXL 34–69); DiTs (experimental): FLUX single blocks, SD3,
         PixArt and Wan the second half of their blocks.
@@ -161,7 +159,7 @@ class AttentiveEraser(Effect):
 
         groups = unet_groups((s.layer, s.name) for s in usable) if usable[0].family == "unet" else ()
         resolved = self.layers.resolve(groups)
-        resolved.check({layer: 1 for layer in layers}, f"this {usable[0].family} model")
+        resolved.check({layer: 1 for layer in layers}, f"this {usable[0].family} model", "self-attention layers")
         self._layers = frozenset(resolved.layers)
 
     def applies(self, site: Site) -> bool:
@@ -183,17 +181,21 @@ class AttentiveEraser(Effect):
         return found
 
     def ss_active(self, step) -> bool:
-        return self.ss_scale != 1.0 and step.index is not None and step.index <= self.ss_steps
+        """Similarity suppression while the run's executed-step count is ≤ ss_steps."""
+        return self.ss_scale != 1.0 and step.executed is not None and step.executed <= self.ss_steps
 
     def __call__(self, call: AttentionCall, attend: Attend) -> torch.Tensor:
         rows = call.rows_with(REDIRECTED)
         t = call.tokens
         if (not rows or call.q_len != call.kv_len or t.grid is None or t.k_image is None
-                or (call.step.index is not None and call.step.index < self.start_step)):
+                or (call.step.executed is not None and call.step.executed < self.start_step)):
             return attend(call.q, call.k, call.v)
         obj = self._object_tokens(t.grid, call.q.device)
         if obj.shape[1] != t.k_image.stop - t.k_image.start:
             return attend(call.q, call.k, call.v)
+        if obj.shape[0] not in (1, len(rows)):
+            raise ValueError(f"Attentive Eraser has {obj.shape[0]} masks but the call has {len(rows)} redirected rows; "
+                             "give one mask, or one per redirected row")
         per_row = obj if obj.shape[0] == len(rows) else obj[:1].expand(len(rows), -1)
         if not per_row.any() or per_row.all(dim=1).any():
             return attend(call.q, call.k, call.v)  # nothing to remove, or a level fully covered: skip the layer

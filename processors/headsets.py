@@ -196,7 +196,7 @@ class HeadSet:
                     layers[first + b] = _merge(layers.get(first + b), heads)
         return HeadSet(layers)
 
-    def check(self, heads_per_layer: Mapping[int, int], what: str = "this model") -> None:
+    def check(self, heads_per_layer: Mapping[int, int], what: str = "this model", noun: str = "perturbable layers") -> None:
         """Raise ValueError naming the first layer or head that `what` does not have."""
         if self._unresolved:
             raise ValueError(f"UNet block refs {[r.text for r, _ in self._unresolved]} need a UNet model to resolve")
@@ -205,7 +205,7 @@ class HeadSet:
         valid = sorted(heads_per_layer)
         for layer, heads in self._layers.items():
             if layer not in heads_per_layer:
-                raise ValueError(f"layer {layer} is out of range: {what} has perturbable layers {_ranges(valid)}")
+                raise ValueError(f"layer {layer} is out of range: {what} has {noun} {_ranges(valid)}")
             n = heads_per_layer[layer]
             if heads != ALL:
                 bad = sorted(h for h in heads if h >= n)

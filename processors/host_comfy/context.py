@@ -58,7 +58,8 @@ def step_info(sigma, schedule, timestep: Optional[float] = None) -> StepInfo:
     diffs = (sched[:-1] - s).abs() if len(sched) > 1 else (sched - s).abs()
     index = int(diffs.argmin())
     tol = 1e-4 * max(1.0, abs(s))
-    return StepInfo(index if float(diffs[index]) <= tol else None, max(len(sched) - 1, 1), s, timestep)
+    # sample_sigmas holds only the steps this run executes (denoise < 1 truncates it): the run starts at 0
+    return StepInfo(index if float(diffs[index]) <= tol else None, max(len(sched) - 1, 1), s, timestep, 0)
 
 
 def _ceil_div(a: int, b: int) -> int:

@@ -51,6 +51,7 @@ class RunState:
         self.text_len: Optional[int] = None
         self._role_override: list = []
         self.cfg_from_encode: Optional[bool] = None  # set by `watch_cfg` for pipelines without the property
+        self._run, self._run_first = None, None  # the current run's schedule object and its first step index
         self._context = _ContextSink()
 
     # --- explicit roles -------------------------------------------------------------------------
@@ -98,7 +99,7 @@ class RunState:
             t = float(timestep.flatten().max()) if torch.is_tensor(timestep) else float(timestep)
         ctx = self._context.latest
         if ctx is not None and ctx.step_index is not None:
-            return StepInfo(ctx.step_index, ctx.num_inference_steps, ctx.sigma, t)
+            return StepInfo(ctx.step_index, ctx.num_inference_steps, ctx.sigma, t, self._first(ctx, ctx.step_index))
         scheduler = getattr(self.pipeline, "scheduler", None)
         if scheduler is None or t is None or getattr(scheduler, "timesteps", None) is None:
             return StepInfo(timestep=t)
@@ -117,7 +118,17 @@ class RunState:
         elif getattr(scheduler, "alphas_cumprod", None) is not None and 0 <= int(round(t)) < len(scheduler.alphas_cumprod):
             a = float(scheduler.alphas_cumprod[int(round(t))])
             sigma = ((1 - a) / a) ** 0.5
-        return StepInfo(index, count, sigma, t)
+        return StepInfo(index, count, sigma, t, self._first(timesteps, index))
+
+    def _first(self, run, index) -> Optional[int]:
+        """The first step index seen in the current run; a run is identified by the schedule object the
+        pipeline set up for it (`set_timesteps` makes a new one) and restarts when the index goes back."""
+        if index is None:
+            return None
+        key = id(run)
+        if self._run != key or self._run_first is None or index < self._run_first:
+            self._run, self._run_first = key, index
+        return self._run_first
 
 
 class RunStateHook(ModelHook):
