@@ -4,8 +4,9 @@ Only `nodes/v3.py` imports ComfyUI (`comfy_api`), and only when ComfyUI loads th
 """
 
 from .entropy import ENTROPY_SCALING
+from .eraser import ATTENTIVE_ERASER
 from .softpag import SOFTPAG
 
-NODE_SPECS = (ENTROPY_SCALING, SOFTPAG)
+NODE_SPECS = (ENTROPY_SCALING, SOFTPAG, ATTENTIVE_ERASER)
 
 __all__ = ["NODE_SPECS"]

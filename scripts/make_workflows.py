@@ -95,6 +95,54 @@ def flux_graph(patch: tuple[str, list], prompt: str, size: int, save: str, note:
     return g.dump(note)
 
 
+def sip_graph(ckpt: str, patch: tuple[str, list], grow_px: int, save: str, note: str):
+    """Attentive Eraser's stochastic inpainting (SIP) the ComfyUI way: LoadImage (paint the object in the Mask
+    Editor) -> GrowMask -> the attnlab node and SetLatentNoiseMask; VAEEncode -> KSampler (ddim, ddim_uniform,
+    50 steps, denoise 0.8, cfg 1, empty prompts)."""
+    g = Graph()
+    model = g.node("CheckpointLoaderSimple", [ckpt], (0, 120))
+    image = g.node("LoadImage", ["example.png", "image"], (0, 420), "Image (paint the object in the Mask Editor)")
+    grow = g.node("GrowMask", [grow_px, True], (380, 700))
+    node = g.node(patch[0], patch[1], (760, 0))
+    pos = g.node("CLIPTextEncode", [""], (380, 260), "Positive (empty)")
+    neg = g.node("CLIPTextEncode", [""], (380, 480), "Negative (empty)")
+    enc = g.node("VAEEncode", [], (760, 560))
+    noise_mask = g.node("SetLatentNoiseMask", [], (760, 700))
+    ks = g.node("KSampler", [42, "fixed", 50, 1.0, "ddim", "ddim_uniform", 0.8], (1140, 120))
+    dec = g.node("VAEDecode", [], (1500, 120))
+    out = g.node("SaveImage", [save], (1720, 120))
+    g.link(model, 0, node, "model"); g.link(model, 1, pos, "clip"); g.link(model, 1, neg, "clip")
+    g.link(image, 1, grow, "mask"); g.link(grow, 0, node, "mask")
+    g.link(image, 0, enc, "pixels"); g.link(model, 2, enc, "vae")
+    g.link(enc, 0, noise_mask, "samples"); g.link(grow, 0, noise_mask, "mask")
+    g.link(node, 0, ks, "model"); g.link(pos, 0, ks, "positive"); g.link(neg, 0, ks, "negative")
+    g.link(noise_mask, 0, ks, "latent_image"); g.link(ks, 0, dec, "samples"); g.link(model, 2, dec, "vae")
+    g.link(dec, 0, out, "images")
+    return g.dump(note)
+
+
+ERASER_NOTE = (
+    "Object removal with Attentive Eraser (AAS + SARG, arXiv 2412.12974), stochastic inpainting as in the paper: "
+    "right-click the Load Image node, Open in MaskEditor and paint over the object (painted = removed; GrowMask "
+    "widens it by {grow} px for both the redirection and the repainted region). The image is encoded, noised to "
+    "denoise 0.8 of a 50-step DDIM schedule and resampled inside the mask only; each step runs one extra pass in "
+    "which self-attention of the up-block layers ignores the object, and SARG pushes toward it (scale 9). "
+    "cfg 1 and empty prompts as in the official code. Set scale to 0 to compare with plain inpainting.")
+
+
+def sd15_eraser():
+    return sip_graph(
+        "v1-5-pruned-emaonly.safetensors", ("AttnlabAttentiveEraser", [9.0, 0.3, 9, 0.0, ""]), 3,
+        "attnlab_eraser_sd15", "SD1.5 at 512x512 (the official model is SD2.1-base, same layers). " +
+        ERASER_NOTE.format(grow=3))
+
+
+def sdxl_eraser():
+    return sip_graph(
+        "sd_xl_base_1.0.safetensors", ("AttnlabAttentiveEraser", [9.0, 0.3, 9, 0.0, ""]), 15,
+        "attnlab_eraser_sdxl", "SDXL base at 1024x1024 (official: up-block layers 34-69, the default). " +
+        ERASER_NOTE.format(grow=15))
+
 def sd15_entropy():
     return checkpoint_graph(
         "v1-5-pruned-emaonly.safetensors", ("AttnlabEntropyScaling", [1.0, 0, 0, "joint"]),
@@ -131,7 +179,8 @@ def flux_softpag():
 
 
 WORKFLOWS = {"entropy_scaling_sd15.json": sd15_entropy, "entropy_scaling_flux.json": flux_entropy,
-             "softpag_sdxl.json": sdxl_softpag, "softpag_flux.json": flux_softpag}
+             "softpag_sdxl.json": sdxl_softpag, "softpag_flux.json": flux_softpag,
+             "attentive_eraser_sd15.json": sd15_eraser, "attentive_eraser_sdxl.json": sdxl_eraser}
 
 if __name__ == "__main__":
     out = ROOT / "workflows"

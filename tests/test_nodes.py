@@ -138,3 +138,45 @@ def test_v3_generator_builds_the_softpag_schema(monkeypatch):
     assert by_id["joint"]["options"] == ["full", "image"]
     assert by_id["sigma_start"]["min"] == -1.0 and by_id["sigma_start"]["default"] == -1.0
     assert schema["outputs"] == [("out", "Model", {"display_name": "model"})]
+
+
+def test_v3_generator_builds_the_attentive_eraser_schema(monkeypatch):
+    import importlib
+
+    _stub_comfy_api(monkeypatch)
+    v3 = importlib.import_module("attnlab.nodes.v3")
+    node = next(n for n in v3.NODES if n.__name__ == "AttnlabAttentiveEraser")
+    schema = node.define_schema()
+    assert schema["node_id"] == "AttnlabAttentiveEraser" and schema["category"] == "attnlab"
+    kinds = [(i[1], i[2]) for i in schema["inputs"]]
+    assert kinds == [("Model", "model"), ("Mask", "mask"), ("Float", "scale"), ("Float", "ss_scale"),
+                     ("Int", "ss_steps"), ("Float", "dilate_px"), ("String", "layers")]
+    by_id = {i[2]: i[3] for i in schema["inputs"]}
+    assert by_id["scale"]["default"] == 9.0 and by_id["scale"]["min"] == 0.0
+    assert by_id["ss_scale"]["default"] == 0.3 and by_id["ss_steps"]["default"] == 9 and by_id["layers"]["default"] == ""
+    assert schema["outputs"] == [("out", "Model", {"display_name": "model"})]
+
+
+@pytest.mark.parametrize("values,match", [
+    (dict(scale=101.0), r"scale must be in \[0.0, 100.0\]"),
+    (dict(ss_scale=1.5), r"ss_scale must be in \[0.01, 1.0\]"),
+    (dict(ss_steps=2.5), "ss_steps must be an integer"),
+    (dict(layers=None), "layers must be text"),
+    (dict(mask="mask.png"), "must be a ComfyUI MASK tensor"),
+])
+def test_bad_attentive_eraser_values_are_rejected_before_patching(values, match):
+    import torch
+
+    from attnlab.nodes.eraser import ATTENTIVE_ERASER
+
+    class Untouchable:
+        def clone(self):
+            raise AssertionError("the model must not be touched when inputs are invalid")
+
+        model = None
+
+    inputs = dict(model=Untouchable(), mask=torch.ones(1, 8, 8), scale=9.0, ss_scale=0.3, ss_steps=9, dilate_px=0.0,
+                  layers="")
+    inputs.update(values)
+    with pytest.raises(ValueError, match=match):
+        ATTENTIVE_ERASER.execute(**inputs)

@@ -64,3 +64,29 @@ def test_softpag_workflows_name_heads_the_models_have():
     found["softpag_flux.json"].check({layer: 24 for layer in range(57)}, "FLUX.1")
     sdxl_heads = {layer: 10 if layer < 4 or layer >= 64 else 20 for layer in range(70)}
     found["softpag_sdxl.json"].resolve(sdxl_groups).check(sdxl_heads, "SDXL")
+
+
+@pytest.mark.parametrize("name,grow", [("attentive_eraser_sd15.json", 3), ("attentive_eraser_sdxl.json", 15)])
+def test_attentive_eraser_workflows_are_the_papers_sip(name, grow):
+    """SIP the ComfyUI way: the painted mask, grown, feeds both the node and SetLatentNoiseMask; the encoded image is
+    resampled with DDIM (ddim_uniform, 50 steps, denoise 0.8) at cfg 1 with empty prompts; the node at its defaults."""
+    from attnlab.nodes.eraser import ATTENTIVE_ERASER
+
+    wf = WORKFLOWS[name]
+    nodes = {n["id"]: n for n in wf["nodes"]}
+    by_type = {}
+    for n in wf["nodes"]:
+        by_type.setdefault(n["type"], []).append(n)
+    src = {(link[3], nodes[link[3]]["inputs"][link[4]]["name"]): nodes[link[1]]["type"] for link in wf["links"]}
+    (ks,) = by_type["KSampler"]
+    assert ks["widgets_values"][2:] == [50, 1.0, "ddim", "ddim_uniform", 0.8]
+    assert all(n["widgets_values"] == [""] for n in by_type["CLIPTextEncode"])
+    (eraser,) = by_type[ATTENTIVE_ERASER.node_id]
+    assert eraser["widgets_values"] == [p.default for p in ATTENTIVE_ERASER.widgets]
+    (grow_node,) = by_type["GrowMask"]
+    assert grow_node["widgets_values"] == [grow, True]
+    (noise_mask,) = by_type["SetLatentNoiseMask"]
+    assert src[(ks["id"], "model")] == ATTENTIVE_ERASER.node_id
+    assert src[(ks["id"], "latent_image")] == "SetLatentNoiseMask"
+    assert src[(eraser["id"], "mask")] == src[(noise_mask["id"], "mask")] == "GrowMask"
+    assert src[(noise_mask["id"], "samples")] == "VAEEncode" and src[(grow_node["id"], "mask")] == "LoadImage"

@@ -44,6 +44,8 @@ def widget_slots(defn: dict) -> list[tuple[str, dict]]:
         if inp["type"] not in WIDGET_TYPES:
             continue
         slots.append((name, inp))
+        if inp.get("image_upload"):  # the frontend's upload button stores its own value ("image") after the combo
+            slots.append((None, {"type": "UPLOAD"}))
         if inp["type"] == "INT" and (inp.get("control_after_generate") or name in SEED_NAMES):
             slots.append((None, {"type": "CONTROL"}))
     return slots
@@ -51,6 +53,8 @@ def widget_slots(defn: dict) -> list[tuple[str, dict]]:
 
 def check_value(name: str, inp: dict, value) -> list[str]:
     t = inp["type"]
+    if t == "UPLOAD":
+        return [] if value == "image" else [f"upload widget value {value!r}, expected 'image'"]
     if t == "CONTROL":
         return [] if value in CONTROL_VALUES else [f"control value {value!r}"]
     if t == "COMBO":
