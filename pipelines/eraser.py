@@ -42,9 +42,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..processors.eraser import AttentiveEraser, as_mask_tensor, dilate
+from ..processors.eraser import REDIRECTED, AttentiveEraser, as_mask_tensor, dilate
 from ..processors.host_diffusers import Session
-from ..processors.host_diffusers.guidance import GuidancePass, attach_guidance, cfg_scales, detach_guidance
+from .wrapper import PipelineWrapper
+from ..processors.host_diffusers.guidance import GuidancePass, cfg_scales, guided
 from ..processors.host_diffusers.model_info import family_of
 
 MODES = ("sip", "dip")
@@ -98,7 +99,7 @@ def resize_mask(mask: torch.Tensor, height: int, width: int) -> torch.Tensor:
     return (m >= 0.5).float()
 
 
-class AttentiveEraserPipeline:
+class AttentiveEraserPipeline(PipelineWrapper):
     """Object removal with Attentive Eraser on a stock pipeline. Other attributes are the wrapped pipeline's.
 
     sarg_scale: s of SARG (official 9; 0 = plain SIP, 1 = pure AAS). ss_scale, ss_steps, start_step, layers,
@@ -145,16 +146,6 @@ class AttentiveEraserPipeline:
         self.effect = AttentiveEraser(torch.ones(1, 1, 2, 2), **self.options)
         self.effect.validate()
         Session(self.inpaint, [self.effect], **session_options)  # check the layers against the model now
-
-    @classmethod
-    def from_pipe(cls, pipe, **options) -> "AttentiveEraserPipeline":
-        """Wrap an existing pipeline (shares its components; nothing is copied or loaded)."""
-        return cls(pipe, **options)
-
-    def __getattr__(self, name):
-        if name == "pipe":
-            raise AttributeError(name)
-        return getattr(self.pipe, name)
 
     def __repr__(self) -> str:
         return (f"AttentiveEraserPipeline({type(self.inpaint).__name__}, sarg_scale={self.sarg_scale}, "
@@ -230,30 +221,15 @@ class AttentiveEraserPipeline:
         """AAS (on "redirected" rows) and the SARG extra pass installed on the denoiser of `pipeline` (default:
         the inpaint pipeline)."""
         pipeline = self.inpaint if pipeline is None else pipeline
-        effect = AttentiveEraser(obj_mask, **self.options)
-        session = Session(pipeline, [effect], **self.session_options).install()
-        self.hooks = []
-        attached = []
         start = int(self.options["start_step"])
 
         def scale_at(step, t):  # SARG is perturbation guidance with w = −s
             return 0.0 if step.executed is not None and step.executed < start else -self.sarg_scale
 
-        try:
-            if active:
-                factor = 1000.0 if self.family == "flux" else 1.0
-                for name, state in zip(self.names, session.states):
-                    hook = GuidancePass(state, scale_at, "redirected", (lambda n=name: cfg_scale.get(n)),
-                                        timestep_factor=factor)
-                    denoiser = getattr(pipeline, name)
-                    attach_guidance(denoiser, hook)
-                    attached.append(denoiser)
-                    self.hooks.append(hook)
+        with guided(pipeline, [AttentiveEraser(obj_mask, **self.options)], scale_at, REDIRECTED,
+                    lambda name: (lambda: cfg_scale.get(name)), active=active, **self.session_options) as (session, hooks):
+            self.hooks = hooks
             yield session
-        finally:
-            for denoiser in attached:
-                detach_guidance(denoiser)
-            session.remove()
 
     # --- DIP ----------------------------------------------------------------------------------------
     def text2image(self):
@@ -362,10 +338,6 @@ class AttentiveEraserPipeline:
         result.images = proc.postprocess(out * 2 - 1, output_type=output_type)
         return result
 
-    @property
-    def extra_passes(self) -> int:
-        """Extra (redirected) forwards run by the last call."""
-        return sum(h.passes for h in self.hooks)
 
 
 def attentive_eraser(pipe, **options) -> AttentiveEraserPipeline:

@@ -23,7 +23,8 @@ import torch
 
 from ..processors.headsets import HeadSet
 from ..processors.host_diffusers import Session
-from ..processors.host_diffusers.guidance import GuidancePass, attach_guidance, cfg_scales, detach_guidance
+from .wrapper import PipelineWrapper
+from ..processors.host_diffusers.guidance import GuidancePass, cfg_scales, guided
 from ..processors.host_diffusers.model_info import attention_sites, family_of
 from ..processors.presets import load_preset, preset_options
 from ..processors.softpag import GuidanceSchedule, SoftPAG
@@ -36,7 +37,7 @@ def _denoiser_names(pipe) -> list[str]:
     return [n for n in _DENOISER_ATTRS if isinstance(getattr(pipe, n, None), torch.nn.Module)]
 
 
-class SoftPAGPipeline:
+class SoftPAGPipeline(PipelineWrapper):
     """A stock pipeline with SoftPAG guidance. Calls take exactly the wrapped pipeline's arguments;
     every other attribute is the wrapped pipeline's.
 
@@ -86,16 +87,6 @@ class SoftPAGPipeline:
         # validate heads/layers against the model now, before any call
         Session(pipe, [self.effect, *self.extra_effects], **session_options)
 
-    @classmethod
-    def from_pipe(cls, pipe, **options) -> "SoftPAGPipeline":
-        """Wrap an existing pipeline (shares its components; nothing is copied or loaded)."""
-        return cls(pipe, **options)
-
-    def __getattr__(self, name):
-        if name == "pipe":
-            raise AttributeError(name)
-        return getattr(self.pipe, name)
-
     def __repr__(self) -> str:
         return f"SoftPAGPipeline({type(self.pipe).__name__}, {self.effect!r}, {self.schedule!r})"
 
@@ -114,25 +105,14 @@ class SoftPAGPipeline:
         if cfg_scale is _AUTO and self.family != "flux" and not hasattr(type(self.pipe), "guidance_scale"):
             raise ValueError(f"{type(self.pipe).__name__} does not expose its CFG scale while it runs; call the "
                              "SoftPAGPipeline itself, or pass enabled(cfg_scale=<the guidance_scale you use, or None>)")
-        session = Session(self.pipe, [self.effect, *self.extra_effects], **self.session_options).install()
-        factor = 1000.0 if self.family == "flux" else 1.0
-        self.hooks = []
-        attached = []
-        try:
+        active = self.schedule.scale > 0.0 and any(
+            self.effect.applies(spec.site) for name in self.names for spec in attention_sites(getattr(self.pipe, name)))
+        with guided(self.pipe, [self.effect, *self.extra_effects], self.schedule.scale_at, "perturbed",
+                    lambda name: self._cfg_reader(name, cfg_scale), active=active, batched=self.batched,
+                    **self.session_options) as (session, hooks):
+            self.hooks = hooks
             self._check_installed(session)
-            if self.schedule.scale > 0.0 and any(self.effect.applies(site) for site in session.sites):
-                for name, state in zip(self.names, session.states):
-                    hook = GuidancePass(state, self.schedule.scale_at, "perturbed", self._cfg_reader(name, cfg_scale),
-                                        batched=self.batched, timestep_factor=factor)
-                    denoiser = getattr(self.pipe, name)
-                    attach_guidance(denoiser, hook)
-                    attached.append(denoiser)
-                    self.hooks.append(hook)
             yield session
-        finally:
-            for denoiser in attached:
-                detach_guidance(denoiser)
-            session.remove()
 
     def _check_installed(self, session) -> None:
         """Refuse to run when a layer of the head set was left stock (a processor attnlab cannot host):
@@ -160,10 +140,6 @@ class SoftPAGPipeline:
 
         return live
 
-    @property
-    def extra_passes(self) -> int:
-        """Extra forwards run by the last call (one per step where guidance was active, per denoiser)."""
-        return sum(h.passes for h in self.hooks)
 
 
 def softpag(pipe, heads=None, scale: Optional[float] = None, u: Optional[float] = None, **options) -> SoftPAGPipeline:

@@ -15,6 +15,7 @@ diffusers' PAG pipelines). The CFG scale `s` comes from the pipeline call's argu
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 from typing import Callable, Optional
 
@@ -144,6 +145,37 @@ class GuidancePass(ModelHook):
         fixed = sample.clone()
         fixed[cond] = cond_correction(sample[cond], extra, scale, s)
         return fixed
+
+
+DENOISER_ATTRS = ("unet", "transformer", "transformer_2")
+
+
+@contextlib.contextmanager
+def guided(pipeline, effects, scale_at: Callable[[StepInfo, Optional[float]], float], role: str,
+           cfg_scale_for: Callable[[str], Callable[[], Optional[float]]], *, active: bool = True,
+           batched: bool = False, **session_options):
+    """Install `effects` on `pipeline` and, when `active`, one `GuidancePass` per denoiser (role `role`,
+    w = scale_at(step, t), the CFG scale from ``cfg_scale_for(denoiser attribute)()``) for the block.
+    Yields (session, hooks); everything is removed on exit, also after an exception."""
+    from .session import Session
+
+    session = Session(pipeline, list(effects), **session_options).install()
+    names = [n for n in DENOISER_ATTRS if isinstance(getattr(pipeline, n, None), torch.nn.Module)]
+    hooks, attached = [], []
+    try:
+        if active:
+            factor = 1000.0 if session.states[0].geometry.family == "flux" else 1.0  # FLUX feeds t/1000
+            for name, state in zip(names, session.states):
+                hook = GuidancePass(state, scale_at, role, cfg_scale_for(name), batched=batched,
+                                    timestep_factor=factor)
+                attach_guidance(getattr(pipeline, name), hook)
+                attached.append(getattr(pipeline, name))
+                hooks.append(hook)
+        yield session, hooks
+    finally:
+        for denoiser in attached:
+            detach_guidance(denoiser)
+        session.remove()
 
 
 def attach_guidance(denoiser: torch.nn.Module, hook: GuidancePass) -> None:
