@@ -44,12 +44,12 @@ import torch.nn.functional as F
 
 from ..processors.eraser import REDIRECTED, AttentiveEraser, as_mask_tensor, dilate
 from ..processors.host_diffusers import Session
+from ..processors.host_diffusers.session import denoiser_names
 from .wrapper import PipelineWrapper
 from ..processors.host_diffusers.guidance import GuidancePass, cfg_scales, guided
 from ..processors.host_diffusers.model_info import family_of
 
 MODES = ("sip", "dip")
-_DENOISER_ATTRS = ("unet", "transformer")
 
 
 def _inpaint_class(pipe):
@@ -125,7 +125,7 @@ class AttentiveEraserPipeline(PipelineWrapper):
         self.options = dict(ss_scale=ss_scale, ss_steps=ss_steps, start_step=start_step, layers=layers,
                             kernel=kernel, mask_text_queries=mask_text_queries)
         self.session_options = session_options
-        self.names = [n for n in _DENOISER_ATTRS if isinstance(getattr(pipe, n, None), torch.nn.Module)]
+        self.names = denoiser_names(pipe)
         if not self.names:
             raise ValueError(f"{type(pipe).__name__} has no unet/transformer; pass a diffusers pipeline")
         denoiser = getattr(pipe, self.names[0])

@@ -33,7 +33,8 @@ from ..processors.headsets import HeadSet
 from ..processors.host_diffusers.model_info import attention_sites, family_of
 from ..processors.presets import save_preset
 from ..processors.softpag import JOINT_MODES, TARGETS, SoftPAG
-from .softpag import SoftPAGPipeline, _denoiser_names
+from ..processors.host_diffusers.session import denoiser_names
+from .softpag import SoftPAGPipeline
 
 Objective = Callable[[Any, str], float]
 
@@ -179,7 +180,7 @@ def load_objective(spec: Union[str, Objective], device=None) -> Objective:
 
 
 def _denoiser(pipe) -> torch.nn.Module:
-    names = _denoiser_names(pipe)
+    names = denoiser_names(pipe)
     if not names:
         raise ValueError(f"{type(pipe).__name__} has no unet/transformer; pass a diffusers pipeline")
     return getattr(pipe, names[0])

@@ -19,22 +19,17 @@ from __future__ import annotations
 import contextlib
 from typing import Optional, Sequence
 
-import torch
 
 from ..processors.headsets import HeadSet
 from ..processors.host_diffusers import Session
+from ..processors.host_diffusers.session import denoiser_names
 from .wrapper import PipelineWrapper
 from ..processors.host_diffusers.guidance import GuidancePass, cfg_scales, guided
 from ..processors.host_diffusers.model_info import attention_sites, family_of
 from ..processors.presets import load_preset, preset_options
 from ..processors.softpag import GuidanceSchedule, SoftPAG
 
-_DENOISER_ATTRS = ("unet", "transformer", "transformer_2")
 _AUTO = object()
-
-
-def _denoiser_names(pipe) -> list[str]:
-    return [n for n in _DENOISER_ATTRS if isinstance(getattr(pipe, n, None), torch.nn.Module)]
 
 
 class SoftPAGPipeline(PipelineWrapper):
@@ -58,7 +53,7 @@ class SoftPAGPipeline(PipelineWrapper):
                  sigma_min: Optional[float] = None, sigma_max: Optional[float] = None, adaptive_scale: float = 0.0,
                  batched: bool = False, effects: Sequence = (), **session_options):
         self.pipe = pipe
-        self.names = _denoiser_names(pipe)
+        self.names = denoiser_names(pipe)
         if not self.names:
             raise ValueError(f"{type(pipe).__name__} has no unet/transformer; pass a diffusers pipeline")
         self.family = family_of(getattr(pipe, self.names[0]))

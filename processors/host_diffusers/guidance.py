@@ -147,9 +147,6 @@ class GuidancePass(ModelHook):
         return fixed
 
 
-DENOISER_ATTRS = ("unet", "transformer", "transformer_2")
-
-
 @contextlib.contextmanager
 def guided(pipeline, effects, scale_at: Callable[[StepInfo, Optional[float]], float], role: str,
            cfg_scale_for: Callable[[str], Callable[[], Optional[float]]], *, active: bool = True,
@@ -157,10 +154,10 @@ def guided(pipeline, effects, scale_at: Callable[[StepInfo, Optional[float]], fl
     """Install `effects` on `pipeline` and, when `active`, one `GuidancePass` per denoiser (role `role`,
     w = scale_at(step, t), the CFG scale from ``cfg_scale_for(denoiser attribute)()``) for the block.
     Yields (session, hooks); everything is removed on exit, also after an exception."""
-    from .session import Session
+    from .session import Session, denoiser_names
 
     session = Session(pipeline, list(effects), **session_options).install()
-    names = [n for n in DENOISER_ATTRS if isinstance(getattr(pipeline, n, None), torch.nn.Module)]
+    names = denoiser_names(pipeline)
     hooks, attached = [], []
     try:
         if active:

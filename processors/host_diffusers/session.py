@@ -28,6 +28,15 @@ logger = logging.getLogger("attnlab")
 _STATE_ATTR = "_attnlab_run_state"
 
 
+#: pipeline attributes that can hold a denoiser (Wan 2.2 has two)
+DENOISER_ATTRS = ("unet", "transformer", "transformer_2")
+
+
+def denoiser_names(pipeline) -> list[str]:
+    """The attributes of `pipeline` that hold its denoiser(s), in `DENOISER_ATTRS` order."""
+    return [n for n in DENOISER_ATTRS if isinstance(getattr(pipeline, n, None), torch.nn.Module)]
+
+
 def site_heads(denoiser: torch.nn.Module) -> list:
     """(Site, number of heads) of every attention site, for effects that address layers and heads."""
     return [(spec.site, int(spec.module.heads)) for spec in attention_sites(denoiser)]
@@ -38,8 +47,7 @@ def denoisers_of(target) -> list[torch.nn.Module]:
     if isinstance(target, torch.nn.Module):
         family_of(target)
         return [target]
-    found = [getattr(target, n, None) for n in ("unet", "transformer", "transformer_2")]
-    found = [m for m in found if isinstance(m, torch.nn.Module)]
+    found = [getattr(target, n) for n in denoiser_names(target)]
     if not found:
         raise UnsupportedModelError(
             f"{type(target).__name__} has no unet/transformer; pass a diffusers pipeline or its denoiser"
