@@ -19,3 +19,5 @@ def _seed():
 
 
 sys.path.insert(0, str(Path(__file__).parent))  # test helpers (workflow_tools, fake_comfy) import by name
+
+pytest_plugins = ["comfy_pass_tools"]  # the `backend` fixture of the guidance-pass node tests

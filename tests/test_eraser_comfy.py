@@ -9,40 +9,24 @@ import torch
 import torch.nn.functional as F
 
 import fake_comfy
-import real_comfy
+from comfy_pass_tools import parametrize_backends, record_batches, tiny
 from attnlab.nodes import NODE_SPECS
 from attnlab.nodes.eraser import ATTENTIVE_ERASER, mask_batch
 from attnlab.processors.effects import Effect
 from attnlab.processors.eraser import REDIRECTED, AttentiveEraser, token_mask
-from attnlab.processors.host_comfy import EFFECTS_KEY, ROLE_KEY, UnsupportedComfyModel, patch_model
+from attnlab.processors.host_comfy import EFFECTS_KEY, UnsupportedComfyModel, patch_model
 from attnlab.processors.host_comfy import guidance as guidance_module
 
 FAMILIES = ("sd15", "sdxl", "sd3", "flux")  # SD3/FLUX: experimental in the node, but they must run
-REAL = pytest.mark.skipif(not real_comfy.comfy_available(), reason="needs COMFYUI_DIR with ComfyUI importable")
 NODE = dict(scale=9.0, ss_scale=0.3, ss_steps=9, dilate_px=0.0, layers="")
 
 
-def backends():
-    return [pytest.param(fake_comfy, id="fake"),
-            pytest.param(real_comfy, id="real", marks=[pytest.mark.comfyui, REAL])]
 
-
-@pytest.fixture
-def backend(request, monkeypatch):
-    b = request.param
-    if b is fake_comfy:
-        monkeypatch.setattr(guidance_module, "comfy_calc_cond_batch", lambda: fake_comfy.calc_cond_batch)
-    return b
-
-
-def parametrize_backends(fn):
-    return pytest.mark.parametrize("backend", backends(), indirect=True)(fn)
 
 
 @pytest.fixture(scope="module")
 def cache():
     return {}
-
 
 def object_mask(h=40, w=64):
     """A pixel-space ComfyUI MASK [1, H, W] (not the latent's size or aspect) with a rectangle of object."""
@@ -54,12 +38,6 @@ def object_mask(h=40, w=64):
 def sample(backend, model, family, steps=1, cfg=1.0, latent=None):
     return backend.sample_tiny(model, family, steps=steps, cfg=cfg, latent=latent)
 
-
-def tiny(backend, family, cache):
-    key = (backend.NAME, family)
-    if key not in cache:
-        cache[key] = backend.build_tiny(family)
-    return cache[key]
 
 
 def stock(backend, family, cache, steps=1):
@@ -78,20 +56,6 @@ def node(model, mask=_DEFAULT, **values):
     inputs.update(values)
     return ATTENTIVE_ERASER.execute(model=model, **inputs)[0]
 
-
-def record_batches(patcher, backend, outputs=False):
-    """Log of every calc_cond_batch call: (number of conds, uncond present, role, sigma[, outputs])."""
-    log = []
-
-    def wrapper(executor, model, conds, x_in, timestep, model_options):
-        out = executor(model, conds, x_in, timestep, model_options)
-        role = model_options.get("transformer_options", {}).get(ROLE_KEY)
-        entry = (len(conds), len(conds) > 1 and conds[1] is not None, role, float(timestep.flatten()[0]))
-        log.append(entry + ((list(out),) if outputs else ()))
-        return out
-
-    patcher.add_wrapper_with_key(backend.WrappersMP.CALC_COND_BATCH, "attnlab_test", wrapper)
-    return log
 
 
 class Probe(Effect):

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import fake_comfy
-import real_comfy
+from comfy_pass_tools import parametrize_backends, record_batches, tiny
 from attnlab.nodes import NODE_SPECS
 from attnlab.nodes.softpag import SOFTPAG
 from attnlab.processors import Recorder
@@ -19,7 +19,6 @@ from attnlab.processors.host_comfy import guidance as guidance_module
 from attnlab.processors.softpag import GuidanceSchedule, SoftPAG
 
 FAMILIES = ("sd15", "sdxl", "sd3", "flux", "wan_t2v")
-REAL = pytest.mark.skipif(not real_comfy.comfy_available(), reason="needs COMFYUI_DIR with ComfyUI importable")
 #: a head set per family touching a few layers, and the CFG scale its users sample with (FLUX: cfg 1)
 HEADS = {"sd15": "d1, m0:H1", "sdxl": "m0; u0", "sd3": "L1:H0", "flux": "L0:*; L3:H1", "wan_t2v": "L1:*"}
 CFG = {"sd15": 4.0, "sdxl": 4.0, "sd3": 4.0, "flux": 1.0, "wan_t2v": 4.0}
@@ -27,40 +26,16 @@ NODE = dict(scale=3.0, u=1.0, preset="none", target="identity", joint="full", si
             adaptive_scale=0.0)
 
 
-def backends():
-    return [pytest.param(fake_comfy, id="fake"),
-            pytest.param(real_comfy, id="real", marks=[pytest.mark.comfyui, REAL])]
 
-
-@pytest.fixture
-def backend(request, monkeypatch):
-    """The backend; the fake's calc_cond_batch stands in for `comfy.samplers.calc_cond_batch` (the real
-    backend uses the guidance module's own lazy import of ComfyUI)."""
-    b = request.param
-    if b is fake_comfy:
-        monkeypatch.setattr(guidance_module, "comfy_calc_cond_batch", lambda: fake_comfy.calc_cond_batch)
-    return b
-
-
-def parametrize_backends(fn):
-    return pytest.mark.parametrize("backend", backends(), indirect=True)(fn)
 
 
 @pytest.fixture(scope="module")
 def cache():
     return {}
 
-
 def sample(backend, model, family, steps=1, cfg=None):
     return backend.sample_tiny(model, family, steps=steps, cfg=CFG[family] if cfg is None else cfg)
 
-
-def tiny(backend, family, cache):
-    """The tiny model of `family`, built once per backend (tests only patch clones of it)."""
-    key = (backend.NAME, family)
-    if key not in cache:
-        cache[key] = backend.build_tiny(family)
-    return cache[key]
 
 
 def stock(backend, family, cache):
@@ -77,20 +52,6 @@ def node(model, **values):
     inputs.update(values)
     return SOFTPAG.execute(model=model, **inputs)[0]
 
-
-def record_batches(patcher, backend, outputs=False):
-    """Log of every calc_cond_batch call on `patcher`: (number of conds, uncond present, role, sigma[, outputs])."""
-    log = []
-
-    def wrapper(executor, model, conds, x_in, timestep, model_options):
-        out = executor(model, conds, x_in, timestep, model_options)
-        role = model_options.get("transformer_options", {}).get(ROLE_KEY)
-        entry = (len(conds), len(conds) > 1 and conds[1] is not None, role, float(timestep.flatten()[0]))
-        log.append(entry + ((list(out),) if outputs else ()))
-        return out
-
-    patcher.add_wrapper_with_key(backend.WrappersMP.CALC_COND_BATCH, "attnlab_test", wrapper)
-    return log
 
 
 class Probe(Effect):
