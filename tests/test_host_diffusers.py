@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import attnlab
-from attnlab.models.tiny import FAMILIES, build_tiny_pipeline, denoiser_of, run_tiny_pipeline
+from attnlab.models.tiny import FAMILIES, build_tiny_pipeline, denoiser_of, run_tiny_pipeline, tiny_call_kwargs
 from attnlab.processors import Effect, EntropyScaling, Recorder
 from attnlab.processors.host_diffusers import Session, UnsupportedModelError, apply, attention_sites
 from attnlab.processors.reference import reference_attention
@@ -248,3 +248,28 @@ def test_set_attention_backend_still_reaches_our_processors(family):
         assert {str(p._attention_backend) for p in procs} == {"AttentionBackendName._NATIVE_MATH"}
         out = run_tiny_pipeline(pipe, output_type="latent")
     assert (out - stock).abs().max() < 1e-4
+
+
+@pytest.mark.parametrize("family", ["sd15", "wan"])
+def test_executed_steps_count_from_each_runs_first_step(family):
+    """StepInfo.executed counts a run's own steps from 0: over two txt2img runs (Wan: from the cache context,
+    SD: from the scheduler), and in an img2img run that starts part-way into its schedule."""
+    pipe = build_tiny_pipeline(family)
+    rec = Recorder(summary=lambda c: (c.step.index, c.step.first, c.step.executed))
+    with attnlab.apply(pipe, [rec]):
+        for _ in range(2):
+            with torch.no_grad():
+                pipe(**tiny_call_kwargs(family, num_inference_steps=3))
+    assert sorted(set(rec.calls)) == [(0, 0, 0), (1, 0, 1), (2, 0, 2)]
+    if family != "sd15":
+        return
+    from diffusers import StableDiffusionImg2ImgPipeline
+
+    i2i = StableDiffusionImg2ImgPipeline.from_pipe(pipe)
+    rec.calls.clear()
+    kw = tiny_call_kwargs(family, num_inference_steps=4)
+    image = torch.rand(1, 3, kw["height"], kw["width"], generator=torch.Generator().manual_seed(0))
+    with attnlab.apply(i2i, [rec]), torch.no_grad():
+        i2i(prompt=kw["prompt"], image=image, strength=0.5, num_inference_steps=4, output_type="pt",
+            generator=torch.Generator().manual_seed(0))
+    assert sorted(set(rec.calls)) == [(2, 2, 0), (3, 2, 1)]

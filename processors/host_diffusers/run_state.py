@@ -51,7 +51,7 @@ class RunState:
         self.text_len: Optional[int] = None
         self._role_override: list = []
         self.cfg_from_encode: Optional[bool] = None  # set by `watch_cfg` for pipelines without the property
-        self._run, self._run_first = None, None  # the current run's schedule object and its first step index
+        self._run, self._run_first, self._run_last = None, None, -1  # current run: key, first and last index
         self._context = _ContextSink()
 
     # --- explicit roles -------------------------------------------------------------------------
@@ -99,7 +99,8 @@ class RunState:
             t = float(timestep.flatten().max()) if torch.is_tensor(timestep) else float(timestep)
         ctx = self._context.latest
         if ctx is not None and ctx.step_index is not None:
-            return StepInfo(ctx.step_index, ctx.num_inference_steps, ctx.sigma, t, self._first(ctx, ctx.step_index))
+            first = self._first(("context", ctx.num_inference_steps), ctx.step_index)
+            return StepInfo(ctx.step_index, ctx.num_inference_steps, ctx.sigma, t, first)
         scheduler = getattr(self.pipeline, "scheduler", None)
         if scheduler is None or t is None or getattr(scheduler, "timesteps", None) is None:
             return StepInfo(timestep=t)
@@ -118,16 +119,17 @@ class RunState:
         elif getattr(scheduler, "alphas_cumprod", None) is not None and 0 <= int(round(t)) < len(scheduler.alphas_cumprod):
             a = float(scheduler.alphas_cumprod[int(round(t))])
             sigma = ((1 - a) / a) ** 0.5
-        return StepInfo(index, count, sigma, t, self._first(timesteps, index))
+        return StepInfo(index, count, sigma, t, self._first(("schedule", id(timesteps)), index))
 
     def _first(self, run, index) -> Optional[int]:
-        """The first step index seen in the current run; a run is identified by the schedule object the
-        pipeline set up for it (`set_timesteps` makes a new one) and restarts when the index goes back."""
+        """The first step index seen in the current run. A run is keyed by the schedule the pipeline set up
+        for it (`set_timesteps` makes a new tensor; cache contexts carry the step count) and restarts when the
+        index goes back (a new call with the same schedule)."""
         if index is None:
             return None
-        key = id(run)
-        if self._run != key or self._run_first is None or index < self._run_first:
-            self._run, self._run_first = key, index
+        if self._run != run or self._run_first is None or index < self._run_last:
+            self._run, self._run_first = run, index
+        self._run_last = index
         return self._run_first
 
 
