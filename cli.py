@@ -3,6 +3,8 @@
     attnlab entropy --height 128 --width 128          # embedded tiny model, off/on side by side
     attnlab entropy --model /path/to/diffusers/folder --height 2048 --width 2048 --prompt "..."
     attnlab headhunter --model tiny:sd3 --objective sharpness --prompts prompts.txt --seeds 0,1 --out out/hh
+    attnlab softpag --model tiny-sd3 --heads 'L1:*' --scale 3 --u 0.5 --out out/softpag
+    attnlab eraser --model tiny-sd15 --steps 10 --out out/eraser        # generated input, centred mask
 """
 
 from __future__ import annotations
@@ -158,6 +160,230 @@ def cmd_entropy(args) -> dict:
         "effect": {"strength": args.strength, "train_size": args.train_size, "token_count": args.token_count},
         "lambda_per_layer": dict(sorted(effect.last_lambda.items())),
         "seconds": {"stock": round(t_off, 3), "entropy_scaling": round(t_on, 3)},
+        "files": files,
+    }
+    (out / "params.json").write_text(json.dumps(report, indent=2))
+    return report
+
+
+def _row(panels, labels, min_size: int = 256):
+    """Captioned panels side by side; small images are enlarged (nearest)."""
+    from PIL import Image, ImageDraw
+
+    panels = [p.convert("RGB") for p in panels]
+    factor = max(1, -(-min_size // max(panels[0].size)))
+    panels = [p.resize((p.width * factor, p.height * factor), Image.NEAREST) for p in panels]
+    w, h = panels[0].size
+    pad = 18
+    canvas = Image.new("RGB", (len(panels) * w, h + pad), "white")
+    draw = ImageDraw.Draw(canvas)
+    for i, (panel, text) in enumerate(zip(panels, labels)):
+        canvas.paste(panel.resize((w, h), Image.NEAREST), (i * w, pad))
+        draw.text((i * w + 4, 3), text, fill="black")
+    return canvas
+
+
+def _native_size(pipe, model: str):
+    """(height, width) the pipeline was made for: the tiny model's default, else the denoiser's native size."""
+    from .processors.host_diffusers import denoisers_of, geometry_of
+
+    geometry = geometry_of(denoisers_of(pipe)[0], pipe)
+    return geometry, (geometry.native_size[1], geometry.native_size[2])
+
+
+def default_heads(pipe) -> str:
+    """A sensible SoftPAG head set when none is given: the UNet mid block ('m0') for SD1.5/SDXL, else every head
+    of the middle perturbable (self/joint/single) layer."""
+    from .processors.host_diffusers.model_info import attention_sites, family_of
+    from .processors.host_diffusers.session import denoiser_names
+
+    denoiser = getattr(pipe, denoiser_names(pipe)[0])
+    family = family_of(denoiser)
+    sites = [spec.site for spec in attention_sites(denoiser)]
+    if family == "unet":
+        if any(s.name.startswith("mid_block") and s.kind == "self" for s in sites):
+            return "m0"
+    layers = sorted({s.layer for s in sites if s.kind in ("joint", "single") or (s.kind == "self" and family != "sd3")})
+    if not layers:
+        raise ValueError(f"{type(pipe).__name__}: no self/joint attention layers SoftPAG can perturb")
+    return f"L{layers[len(layers) // 2]}:*"
+
+
+def cmd_softpag(args) -> dict:
+    import torch
+
+    from .pipelines.softpag import SoftPAGPipeline
+
+    if args.steps < 1:
+        raise ValueError(f"--steps must be >= 1, got {args.steps}")
+    if args.heads is not None and not args.heads.strip():
+        raise ValueError("--heads: empty head set; give e.g. 'L1:*', 'L7:H3,H5; L9:*' or UNet blocks like 'm0'")
+    pipe = load_pipeline(args.model, args.device)
+    geometry, native = _native_size(pipe, args.model)
+    heads = args.heads
+    if heads is None and args.preset is None:
+        heads = default_heads(pipe)
+    # build (and validate heads/layers against the model) before any generation
+    pag = SoftPAGPipeline.from_pipe(pipe, heads=heads, scale=args.scale, u=args.u, preset=args.preset,
+                                    target=args.target, joint=args.joint)
+    resolved = str(pag.effect.resolved_heads)  # UNet block refs as global layers
+    height = args.height or native[0]
+    width = args.width or native[1]
+    call = dict(prompt=args.prompt, height=height, width=width, num_inference_steps=args.steps,
+                guidance_scale=args.guidance)
+    if geometry.family == "wan":
+        call["num_frames"] = args.frames
+    call.update(_tiny_extras(args.model))
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    with torch.no_grad():
+        t0 = time.perf_counter()
+        off = _frames(pipe(**call, generator=_generator(args.seed)))
+        t_off = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        on = _frames(pag(**call, generator=_generator(args.seed)))
+        t_on = time.perf_counter() - t0
+    files = {"off": _save(off, out / "off"), "on": _save(on, out / "on")}
+    scale = pag.schedule.scale
+    side_by_side(off[len(off) // 2], on[len(on) // 2],
+                 ("stock", f"SoftPAG (w={scale:g}, u={pag.effect.u:g}, {pag.effect.target})")).save(out / "compare.png")
+    files["compare"] = "compare.png"
+    report = {
+        "method": "softpag",
+        "model": args.model,
+        "family": geometry.family,
+        "native_size": list(geometry.native_size),
+        "call": dict(call),
+        "seed": args.seed,
+        "heads": resolved,
+        "heads_given": args.heads,
+        "preset": args.preset,
+        "effect": {"scale": scale, "u": pag.effect.u, "target": pag.effect.target, "joint": pag.effect.joint},
+        "extra_passes": pag.extra_passes,
+        "seconds": {"stock": round(t_off, 3), "softpag": round(t_on, 3)},
+        "files": files,
+    }
+    (out / "params.json").write_text(json.dumps(report, indent=2))
+    return report
+
+
+def centred_mask(width: int, height: int):
+    """A white (= remove) centred rectangle of half the width and half the height (1/4 of the area)."""
+    from PIL import Image, ImageDraw
+
+    mask = Image.new("L", (width, height), 0)
+    x0, y0 = width // 4, height // 4
+    ImageDraw.Draw(mask).rectangle((x0, y0, x0 + width // 2 - 1, y0 + height // 2 - 1), fill=255)
+    return mask
+
+
+def _mask_overlay(image, mask):
+    """The image with the object mask tinted red."""
+    from PIL import Image
+
+    image = image.convert("RGB")
+    red = Image.new("RGB", image.size, (255, 0, 0))
+    alpha = mask.convert("L").resize(image.size, Image.NEAREST).point(lambda v: 110 if v >= 128 else 0)
+    return Image.composite(red, image, alpha)
+
+
+def _open_image(path: str, what: str, mode: str):
+    from PIL import Image, UnidentifiedImageError
+
+    if not Path(path).is_file():
+        raise ValueError(f"{what} {path}: no such file")
+    try:
+        with Image.open(path) as img:
+            return img.convert(mode)
+    except (UnidentifiedImageError, OSError) as err:
+        raise ValueError(f"{what} {path}: not a readable image ({err})") from None
+
+
+def cmd_eraser(args) -> dict:
+    import math
+
+    import torch
+
+    from .pipelines.eraser import AttentiveEraserPipeline
+
+    if args.steps < 1:
+        raise ValueError(f"--steps must be >= 1, got {args.steps}")
+    if args.mode == "sip" and not 0.0 < args.strength <= 1.0:
+        raise ValueError(f"--strength must be in (0, 1], got {args.strength}")
+    if args.ss_steps < 0:
+        raise ValueError(f"--ss-steps must be >= 0, got {args.ss_steps}")
+    if not math.isfinite(args.scale) or args.scale < 0:
+        raise ValueError(f"--scale must be a finite number >= 0, got {args.scale}")
+    image = _open_image(args.image, "--image", "RGB") if args.image else None
+    user_mask = _open_image(args.mask, "--mask", "L") if args.mask else None
+    pipe = load_pipeline(args.model, args.device)
+    geometry, native = _native_size(pipe, args.model)
+    options = dict(ss_scale=args.ss_scale, ss_steps=args.ss_steps, mode=args.mode)
+    # build (and validate against the model) before any generation
+    try:
+        eraser = AttentiveEraserPipeline.from_pipe(pipe, sarg_scale=args.scale, **options)
+    except NotImplementedError as err:
+        raise ValueError(str(err)) from None
+    plain = AttentiveEraserPipeline.from_pipe(pipe, sarg_scale=0.0, **options)
+    extras = _tiny_extras(args.model)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    seconds = {}
+    with torch.no_grad():
+        if image is None:
+            height = args.height or native[0]
+            width = args.width or native[1]
+            call = dict(prompt=args.prompt, height=height, width=width, num_inference_steps=args.steps,
+                        guidance_scale=args.guidance, **extras)
+            t0 = time.perf_counter()
+            image = _frames(pipe(**call, generator=_generator(args.seed)))[0].convert("RGB")
+            seconds["input"] = round(time.perf_counter() - t0, 3)
+        elif args.height or args.width:
+            image = image.resize((args.width or image.width, args.height or image.height))
+        mask = user_mask if user_mask is not None else centred_mask(image.width, image.height)
+        erase = dict(prompt=args.eraser_prompt, num_inference_steps=args.steps, composite=args.composite,
+                     strength=None if args.mode == "dip" else args.strength, **extras)
+        t0 = time.perf_counter()
+        plain_img = plain(image, mask, generator=_generator(args.seed), **erase).images[0]
+        seconds["plain"] = round(time.perf_counter() - t0, 3)
+        t0 = time.perf_counter()
+        erased_img = eraser(image, mask, generator=_generator(args.seed), **erase).images[0]
+        seconds["erased"] = round(time.perf_counter() - t0, 3)
+    image.save(out / "input.png")
+    mask.save(out / "mask.png")
+    plain_img.save(out / "plain.png")
+    erased_img.save(out / "erased.png")
+    import numpy as np
+    from PIL import Image
+
+    a = np.asarray(plain_img.convert("RGB"), dtype=np.float32)
+    b = np.asarray(erased_img.convert("RGB"), dtype=np.float32)
+    diff = np.abs(a - b).mean(-1)
+    gain = 255.0 / max(float(diff.max()), 1e-6)
+    diff_img = Image.fromarray((diff * gain).clip(0, 255).astype("uint8"))
+    _row([_mask_overlay(image, mask), plain_img, erased_img, diff_img],
+         ["input + mask", "plain SIP (s=0)" if args.mode == "sip" else "plain DIP (s=0)", f"erased (s={args.scale:g})",
+          f"|difference| x{gain:.0f}" if float(diff.max()) > 0 else "identical"]).save(out / "compare.png")
+    files = {"input": "input.png", "mask": "mask.png", "plain": "plain.png", "erased": "erased.png",
+             "compare": "compare.png"}
+    report = {
+        "method": "attentive_eraser",
+        "model": args.model,
+        "family": geometry.family,
+        "inpaint_pipeline": type(eraser.inpaint).__name__,
+        "image": args.image or "generated",
+        "mask": args.mask or "centred rectangle (1/4 of the area)",
+        "prompt": args.prompt if args.image is None else None,
+        "eraser_prompt": args.eraser_prompt,
+        "size": [image.height, image.width],
+        "seed": args.seed,
+        "steps": args.steps,
+        "guidance": args.guidance,
+        "effect": {"sarg_scale": args.scale, "ss_scale": args.ss_scale, "ss_steps": args.ss_steps,
+                   "strength": 1.0 if args.mode == "dip" else args.strength, "mode": args.mode,
+                   "composite": args.composite, "dilate_px": eraser.dilate_px},
+        "extra_passes": {"plain": plain.extra_passes, "erased": eraser.extra_passes},
+        "seconds": seconds,
         "files": files,
     }
     (out / "params.json").write_text(json.dumps(report, indent=2))
@@ -347,6 +573,98 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-validation", action="store_true", help="skip the validation images")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_headhunter)
+
+    p = sub.add_parser(
+        "softpag",
+        help="SoftPAG: generate off/on with perturbed-attention guidance on a head set",
+        description="Generate the same prompt and seed with the stock pipeline and with SoftPAG perturbation guidance "
+        "(one extra conditional forward per step with the attention of the head set interpolated toward a target by "
+        "u, folded in as w(ε_c − ε_ptb)), writing off/on images, a side-by-side compare.png and params.json "
+        "(parameters, the resolved head set, extra passes, timings).",
+    )
+    p.add_argument("--model", default="tiny-sd15",
+                   help="tiny-sd15|tiny-sdxl|tiny-sd3|tiny-flux|tiny-pixart|tiny-wan (embedded random-weight "
+                        "models, offline) or a local diffusers pipeline folder (default: %(default)s)")
+    p.add_argument("--prompt", default=DEFAULT_HEADHUNTER_PROMPT, help="text prompt (default: %(default)r)")
+    p.add_argument("--heads", default=None,
+                   help="head set: layers and heads 'L7:H3,H5; L9:*' (global self/joint layer indices) or UNet blocks "
+                        "'d2.1-3, m0, u0' (default: the preset's, else the UNet mid block 'm0' for SD1.5/SDXL, or "
+                        "all heads of the middle self/joint layer for DiTs)")
+    p.add_argument("--preset", default=None,
+                   help="a shipped SoftPAG preset name (e.g. sd3-medium-layers-7-10) or a preset JSON path (e.g. "
+                        "HeadHunter's headset.json); --heads/--scale/--u/--target/--joint override it (default: none)")
+    p.add_argument("--scale", type=float, default=None,
+                   help="perturbation guidance scale w; 0 = off (default: the preset's, else 3.0)")
+    p.add_argument("--u", type=float, default=None,
+                   help="interpolation toward the target, (0, 1]; 1 = full PAG-style replacement "
+                        "(default: the preset's, else 1.0)")
+    p.add_argument("--target", choices=["identity", "uniform", "mean_query"], default=None,
+                   help="SoftPAG target: identity (PAG), uniform (SoftUG), mean_query (SoftSEG) "
+                        "(default: the preset's, else identity)")
+    p.add_argument("--joint", choices=["full", "image"], default=None,
+                   help="SD3/FLUX: perturb the full joint map or image->image only (default: the preset's, else full)")
+    p.add_argument("--guidance", type=float, default=5.0,
+                   help="classifier-free guidance scale of the pipeline; <= 1 is off (default: %(default)s)")
+    p.add_argument("--steps", type=int, default=4, help="sampling steps (default: %(default)s)")
+    p.add_argument("--seed", type=int, default=0, help="random seed, the same for off and on (default: %(default)s)")
+    p.add_argument("--height", type=int, default=None, help="output height in pixels (default: the native size)")
+    p.add_argument("--width", type=int, default=None, help="output width in pixels (default: the native size)")
+    p.add_argument("--frames", type=int, default=5, help="video frames for Wan models (default: %(default)s)")
+    p.add_argument("--device", default="cpu", help="torch device (default: %(default)s)")
+    p.add_argument("--out", default="out/softpag", help="output folder (default: %(default)s)")
+    p.set_defaults(func=cmd_softpag)
+
+    p = sub.add_parser(
+        "eraser",
+        help="Attentive Eraser: remove the masked object (AAS + SARG), plain vs erased",
+        description="Object removal with Attentive Eraser (attention activation and suppression + self-attention "
+        "redirection guidance) on the stock inpaint pipeline of the model's family. Without --image the input is "
+        "generated by the pipeline itself from --prompt (fully offline with the tiny models); without --mask a "
+        "centred rectangle (1/4 of the area) is removed. Writes input.png, mask.png, plain.png (the same sampler "
+        "with s = 0), erased.png, compare.png and params.json.",
+    )
+    p.add_argument("--model", default="tiny-sd15",
+                   help="tiny-sd15|tiny-sdxl (embedded random-weight UNet models, offline) or a local SD1.x/2.x/SDXL "
+                        "diffusers folder; tiny-sd3|tiny-flux or SD3/FLUX folders are experimental (SIP only) "
+                        "(default: %(default)s)")
+    p.add_argument("--image", default=None,
+                   help="input image file (default: generate one with the pipeline from --prompt)")
+    p.add_argument("--mask", default=None,
+                   help="mask image file, white = remove, resized to the image (default: a centred rectangle "
+                        "covering 1/4 of the image)")
+    p.add_argument("--prompt", default=DEFAULT_HEADHUNTER_PROMPT,
+                   help="prompt used to generate the input image when --image is not given (default: %(default)r)")
+    p.add_argument("--eraser-prompt", default="",
+                   help="prompt of the removal run; empty as in the official code (default: %(default)r)")
+    p.add_argument("--scale", type=float, default=9.0,
+                   help="SARG scale s; 0 = plain SIP, 1 = pure AAS sampling (default: %(default)s)")
+    p.add_argument("--ss-scale", type=float, default=0.3,
+                   help="similarity suppression scale of AAS (default: %(default)s)")
+    p.add_argument("--ss-steps", type=int, default=9,
+                   help="similarity suppression for the first ss_steps + 1 executed steps (default: %(default)s)")
+    p.add_argument("--strength", type=float, default=0.8,
+                   help="SIP img2img strength, (0, 1]; DIP always uses 1 (default: %(default)s)")
+    p.add_argument("--steps", type=int, default=50,
+                   help="sampling steps (also for generating the input image) (default: %(default)s)")
+    p.add_argument("--mode", choices=["sip", "dip"], default="sip",
+                   help="sip: stock inpaint pipeline with known-region replacement (official default); dip: DDIM "
+                        "inversion + trajectory replacement (UNet models only) (default: %(default)s)")
+    p.add_argument("--guidance", type=float, default=5.0,
+                   help="CFG scale for generating the input image; the removal runs without CFG, as in the "
+                        "official code (default: %(default)s)")
+    p.add_argument("--composite", action="store_true",
+                   help="paste the result into the input outside a blurred mask (the official SD scripts' "
+                        "post-processing)")
+    p.add_argument("--seed", type=int, default=0,
+                   help="random seed for the input image and both removal runs (default: %(default)s)")
+    p.add_argument("--height", type=int, default=None,
+                   help="image height in pixels; a given --image is resized (default: the native size, or the "
+                        "image's)")
+    p.add_argument("--width", type=int, default=None,
+                   help="image width in pixels; a given --image is resized (default: the native size, or the image's)")
+    p.add_argument("--device", default="cpu", help="torch device (default: %(default)s)")
+    p.add_argument("--out", default="out/eraser", help="output folder (default: %(default)s)")
+    p.set_defaults(func=cmd_eraser)
     return parser
 
 
@@ -362,7 +680,7 @@ def main(argv=None) -> int:
         print(f"attnlab {args.command}: interrupted" + ("; rerun the same command to resume"
                                                         if args.command == "headhunter" else ""), file=sys.stderr)
         return 130
-    keys = ("method", "model", "heads", "rounds", "validation", "seconds", "generations", "files")
+    keys = ("method", "model", "heads", "rounds", "validation", "extra_passes", "seconds", "generations", "files")
     print(json.dumps({k: report[k] for k in keys if k in report}, indent=2))
     print(f"wrote {args.out}/")
     return 0

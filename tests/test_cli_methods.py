@@ -1,0 +1,158 @@
+"""`attnlab softpag` and `attnlab eraser` end to end on the embedded tiny models (in-process, 2 steps, small sizes)."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from attnlab.cli import build_parser, centred_mask, main
+
+SP_KEYS = {"method", "model", "family", "native_size", "call", "seed", "heads", "heads_given", "preset", "effect",
+           "extra_passes", "seconds", "files"}
+ER_KEYS = {"method", "model", "family", "inpaint_pipeline", "image", "mask", "prompt", "eraser_prompt", "size", "seed",
+           "steps", "guidance", "effect", "extra_passes", "seconds", "files"}
+
+
+def _pixels(path):
+    return np.asarray(Image.open(path).convert("RGB"), dtype=np.int16)
+
+
+def _code(argv):
+    try:
+        return main(argv)
+    except SystemExit as e:  # argparse's own errors
+        return e.code
+
+
+def test_softpag_cli_writes_off_on_compare_and_params(tmp_path, capsys):
+    out = tmp_path / "sp"
+    argv = ["softpag", "--model", "tiny-sd3", "--steps", "2", "--height", "32", "--width", "32", "--u", "0.7",
+            "--target", "uniform", "--joint", "full", "--guidance", "3", "--seed", "3", "--out", str(out)]
+    assert main(argv) == 0
+    printed = json.loads(capsys.readouterr().out.split("\nwrote ")[0])
+    assert printed["heads"] == "L1:*" and printed["extra_passes"] == 2
+    for name in ("off.png", "on.png", "compare.png", "params.json"):
+        assert (out / name).is_file()
+    params = json.loads((out / "params.json").read_text())
+    assert SP_KEYS <= set(params)
+    assert params["heads"] == "L1:*" and params["heads_given"] is None  # default: the middle joint layer
+    assert params["effect"] == {"scale": 3.0, "u": 0.7, "target": "uniform", "joint": "full"}
+    assert params["call"]["num_inference_steps"] == 2 and params["call"]["height"] == 32
+    assert params["call"]["guidance_scale"] == 3.0 and params["seed"] == 3
+    assert params["extra_passes"] == 2 and set(params["seconds"]) == {"stock", "softpag"}
+    off, on = _pixels(out / "off.png"), _pixels(out / "on.png")
+    assert off.shape == on.shape == (32, 32, 3) and not np.array_equal(off, on)
+    assert Image.open(out / "compare.png").width == 3 * Image.open(out / "compare.png").height - 3 * 18
+
+
+def test_softpag_cli_unet_blocks_resolve(tmp_path, capsys):
+    out = tmp_path / "sp"
+    assert main(["softpag", "--model", "tiny-sd15", "--heads", "m0", "--steps", "1", "--height", "32", "--width",
+                 "32", "--guidance", "1", "--out", str(out)]) == 0
+    params = json.loads((out / "params.json").read_text())
+    assert params["heads_given"] == "m0" and params["heads"] == "L2:*"  # the tiny SD1.5 mid block is layer 2
+    assert params["extra_passes"] == 1
+    assert not np.array_equal(_pixels(out / "off.png"), _pixels(out / "on.png"))
+
+
+@pytest.mark.parametrize("heads, message", [
+    ("L9:*", "layer 9 is out of range"),
+    ("L1:H99", "head 99 is out of range for layer 1"),
+    ("L0:Hx", "cannot read head"),
+    ("m0", "UNet blocks"),
+    ("  ", "--heads: empty head set"),
+])
+def test_softpag_cli_bad_heads(tmp_path, capsys, heads, message):
+    out = tmp_path / "sp"
+    assert _code(["softpag", "--model", "tiny-sd3", "--heads", heads, "--steps", "1", "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "attnlab softpag: " in err and message in err
+    assert not (out / "params.json").exists()
+
+
+def test_eraser_cli_generated_input_and_default_mask(tmp_path, capsys):
+    out = tmp_path / "er"
+    assert main(["eraser", "--model", "tiny-sd15", "--steps", "2", "--strength", "1.0", "--height", "32", "--width",
+                 "32", "--ss-steps", "1", "--out", str(out)]) == 0
+    printed = json.loads(capsys.readouterr().out.split("\nwrote ")[0])
+    assert printed["extra_passes"] == {"plain": 0, "erased": 2}
+    for name in ("input.png", "mask.png", "plain.png", "erased.png", "compare.png", "params.json"):
+        assert (out / name).is_file()
+    params = json.loads((out / "params.json").read_text())
+    assert ER_KEYS <= set(params)
+    assert params["image"] == "generated" and params["size"] == [32, 32]
+    assert params["effect"]["sarg_scale"] == 9.0 and params["effect"]["ss_scale"] == 0.3
+    assert params["effect"]["ss_steps"] == 1 and params["effect"]["strength"] == 1.0 and params["effect"]["mode"] == "sip"
+    mask = np.asarray(Image.open(out / "mask.png")) > 127
+    assert mask.sum() == 16 * 16 and mask[8:24, 8:24].all()  # centred, 1/4 of the area
+    plain, erased = _pixels(out / "plain.png"), _pixels(out / "erased.png")
+    assert plain.shape == erased.shape == (32, 32, 3) and not np.array_equal(plain, erased)
+
+
+def test_eraser_cli_given_image_and_mask(tmp_path, capsys):
+    rng = np.random.default_rng(0)
+    Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(tmp_path / "in.png")
+    mask = Image.new("L", (32, 32), 0)
+    mask.paste(255, (4, 4, 14, 20))
+    mask.save(tmp_path / "m.png")
+    out = tmp_path / "er"
+    assert main(["eraser", "--model", "tiny-sd15", "--image", str(tmp_path / "in.png"), "--mask",
+                 str(tmp_path / "m.png"), "--steps", "2", "--strength", "1.0", "--scale", "3", "--out", str(out)]) == 0
+    params = json.loads((out / "params.json").read_text())
+    assert params["image"].endswith("in.png") and params["mask"].endswith("m.png") and params["prompt"] is None
+    assert params["effect"]["sarg_scale"] == 3.0 and params["extra_passes"]["erased"] == 2
+    assert np.array_equal(_pixels(out / "input.png"), _pixels(tmp_path / "in.png"))
+    assert np.array_equal(np.asarray(Image.open(out / "mask.png")), np.asarray(mask))
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--image", "/no/such.png"], "--image /no/such.png: no such file"),
+    (["--strength", "0"], "--strength must be in (0, 1]"),
+    (["--scale", "-1"], "--scale must be a finite number >= 0"),
+    (["--model", "tiny-nope"], "unknown tiny model"),
+    (["--model", "tiny-flux", "--mode", "dip"], "UNet pipelines"),
+])
+def test_eraser_cli_bad_inputs(tmp_path, capsys, extra, message):
+    out = tmp_path / "er"
+    assert _code(["eraser", "--steps", "1", "--out", str(out), *extra]) == 2
+    err = capsys.readouterr().err
+    assert "attnlab eraser: " in err and message in err
+    assert not (out / "params.json").exists()
+
+
+def test_centred_mask_is_a_quarter():
+    m = np.asarray(centred_mask(40, 24)) > 0
+    assert m.sum() == 20 * 12 and m[6:18, 10:30].all()
+
+
+@pytest.mark.parametrize("command, options", [
+    ("softpag", ["--heads", "--preset", "--scale", "--u", "--target", "--joint", "--guidance", "--steps", "--seed",
+                 "--height", "--width", "--out"]),
+    ("eraser", ["--image", "--mask", "--scale", "--ss-scale", "--ss-steps", "--strength", "--steps", "--mode",
+                "--seed", "--out", "--prompt"]),
+])
+def test_help(capsys, command, options):
+    with pytest.raises(SystemExit) as e:
+        build_parser().parse_args([command, "--help"])
+    assert e.value.code == 0
+    text = capsys.readouterr().out
+    for option in options:
+        assert option in text
+    assert "default" in text and "%(default)" not in text
+
+
+def test_softpag_cli_preset_and_joint_image(tmp_path, capsys):
+    # a shipped preset is checked against the model: SD3-medium layers 7-10 do not exist in the 3-layer tiny SD3
+    assert _code(["softpag", "--model", "tiny-sd3", "--preset", "sd3-medium-layers-7-10", "--steps", "1",
+                  "--out", str(tmp_path / "a")]) == 2
+    assert "layer 7 is out of range" in capsys.readouterr().err
+    # explicit --heads override the preset; joint='image' with the identity target
+    out = tmp_path / "b"
+    assert main(["softpag", "--model", "tiny-sd3", "--preset", "sd3-medium-layers-7-10", "--heads", "L0:H0",
+                 "--joint", "image", "--steps", "1", "--height", "32", "--width", "32", "--out", str(out)]) == 0
+    params = json.loads((out / "params.json").read_text())
+    assert params["heads"] == "L0:H0" and params["preset"] == "sd3-medium-layers-7-10"
+    assert params["effect"]["joint"] == "image" and params["extra_passes"] == 1
