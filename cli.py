@@ -121,8 +121,36 @@ def _save(frames, path: Path) -> str:
     return path.with_suffix(".gif").name
 
 
-def cmd_entropy(args) -> dict:
+def _pipe_call(args, family: str, height: int, width: int) -> dict:
+    """The pipeline arguments the off/on subcommands share (Wan: frames; tiny models: fixed text lengths)."""
+    call = dict(prompt=args.prompt, height=height, width=width, num_inference_steps=args.steps,
+                guidance_scale=args.guidance)
+    if family == "wan":
+        call["num_frames"] = args.frames
+    call.update(_tiny_extras(args.model))
+    return call
+
+
+def _off_on(stock, method, seed: int, out: Path, labels) -> tuple[dict, tuple[float, float]]:
+    """Run `stock(generator)` and `method(generator)` with the same seed; save off/on (PNG, or GIF for
+    videos) and a side-by-side compare.png in `out`. Returns (files, (seconds off, seconds on))."""
     import torch
+
+    out.mkdir(parents=True, exist_ok=True)
+    with torch.no_grad():
+        t0 = time.perf_counter()
+        off = _frames(stock(_generator(seed)))
+        t_off = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        on = _frames(method(_generator(seed)))
+        t_on = time.perf_counter() - t0
+    files = {"off": _save(off, out / "off"), "on": _save(on, out / "on")}
+    side_by_side(off[len(off) // 2], on[len(on) // 2], labels).save(out / "compare.png")
+    files["compare"] = "compare.png"
+    return files, (round(t_off, 3), round(t_on, 3))
+
+
+def cmd_entropy(args) -> dict:
 
     from .pipelines.entropy import entropy_scaling
     from .processors.host_diffusers import denoisers_of, geometry_of
@@ -131,25 +159,18 @@ def cmd_entropy(args) -> dict:
     geometry = geometry_of(denoisers_of(pipe)[0], pipe)
     height = args.height or geometry.native_size[1] * 2
     width = args.width or geometry.native_size[2] * 2
-    call = dict(prompt=args.prompt, height=height, width=width, num_inference_steps=args.steps,
-                guidance_scale=args.guidance)
-    if geometry.family == "wan":
-        call["num_frames"] = args.frames
-    call.update(_tiny_extras(args.model))
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    with torch.no_grad():
-        t0 = time.perf_counter()
-        off = _frames(pipe(**call, generator=_generator(args.seed)))
-        t_off = time.perf_counter() - t0
-        with entropy_scaling(pipe, strength=args.strength, train_size=args.train_size, token_count=args.token_count) as session:
-            effect = session.effects[0]
-            t0 = time.perf_counter()
-            on = _frames(pipe(**call, generator=_generator(args.seed)))
-            t_on = time.perf_counter() - t0
-    files = {"off": _save(off, out / "off"), "on": _save(on, out / "on")}
-    side_by_side(off[len(off) // 2], on[len(on) // 2], ("stock", f"entropy scaling (s={args.strength})")).save(out / "compare.png")
-    files["compare"] = "compare.png"
+    call = _pipe_call(args, geometry.family, height, width)
+    used = []
+
+    def scaled(generator):
+        with entropy_scaling(pipe, strength=args.strength, train_size=args.train_size,
+                             token_count=args.token_count) as session:
+            used.append(session.effects[0])
+            return pipe(**call, generator=generator)
+
+    files, (t_off, t_on) = _off_on(lambda g: pipe(**call, generator=g), scaled, args.seed, Path(args.out),
+                                   ("stock", f"entropy scaling (s={args.strength})"))
+    effect = used[0]
     report = {
         "method": "entropy_scaling",
         "model": args.model,
@@ -159,10 +180,10 @@ def cmd_entropy(args) -> dict:
         "seed": args.seed,
         "effect": {"strength": args.strength, "train_size": args.train_size, "token_count": args.token_count},
         "lambda_per_layer": dict(sorted(effect.last_lambda.items())),
-        "seconds": {"stock": round(t_off, 3), "entropy_scaling": round(t_on, 3)},
+        "seconds": {"stock": t_off, "entropy_scaling": t_on},
         "files": files,
     }
-    (out / "params.json").write_text(json.dumps(report, indent=2))
+    (Path(args.out) / "params.json").write_text(json.dumps(report, indent=2))
     return report
 
 
@@ -210,7 +231,6 @@ def default_heads(pipe) -> str:
 
 
 def cmd_softpag(args) -> dict:
-    import torch
 
     from .pipelines.softpag import SoftPAGPipeline
 
@@ -229,25 +249,10 @@ def cmd_softpag(args) -> dict:
     resolved = str(pag.effect.resolved_heads)  # UNet block refs as global layers
     height = args.height or native[0]
     width = args.width or native[1]
-    call = dict(prompt=args.prompt, height=height, width=width, num_inference_steps=args.steps,
-                guidance_scale=args.guidance)
-    if geometry.family == "wan":
-        call["num_frames"] = args.frames
-    call.update(_tiny_extras(args.model))
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    with torch.no_grad():
-        t0 = time.perf_counter()
-        off = _frames(pipe(**call, generator=_generator(args.seed)))
-        t_off = time.perf_counter() - t0
-        t0 = time.perf_counter()
-        on = _frames(pag(**call, generator=_generator(args.seed)))
-        t_on = time.perf_counter() - t0
-    files = {"off": _save(off, out / "off"), "on": _save(on, out / "on")}
+    call = _pipe_call(args, geometry.family, height, width)
     scale = pag.schedule.scale
-    side_by_side(off[len(off) // 2], on[len(on) // 2],
-                 ("stock", f"SoftPAG (w={scale:g}, u={pag.effect.u:g}, {pag.effect.target})")).save(out / "compare.png")
-    files["compare"] = "compare.png"
+    files, (t_off, t_on) = _off_on(lambda g: pipe(**call, generator=g), lambda g: pag(**call, generator=g), args.seed,
+                                   Path(args.out), ("stock", f"SoftPAG (w={scale:g}, u={pag.effect.u:g}, {pag.effect.target})"))
     report = {
         "method": "softpag",
         "model": args.model,
@@ -260,10 +265,10 @@ def cmd_softpag(args) -> dict:
         "preset": args.preset,
         "effect": {"scale": scale, "u": pag.effect.u, "target": pag.effect.target, "joint": pag.effect.joint},
         "extra_passes": pag.extra_passes,
-        "seconds": {"stock": round(t_off, 3), "softpag": round(t_on, 3)},
+        "seconds": {"stock": t_off, "softpag": t_on},
         "files": files,
     }
-    (out / "params.json").write_text(json.dumps(report, indent=2))
+    (Path(args.out) / "params.json").write_text(json.dumps(report, indent=2))
     return report
 
 
