@@ -21,10 +21,8 @@ row does *less* work than plain attention and the ratio goes below 1; bias pays 
     official   the official code path (AAS_utils.py forward replacement + AAS.py attn_batch): explicit
                sim = q·kᵀ·scale and softmax(sim) for the whole batch, then for the AAS row sim_fg = λ·sim + bias,
                sim_bg = sim + bias, two softmaxes, two map·V products, row blend by the object mask
-On CPU the peak is the growth of the resident-set high-water mark over the level after q/k/v were allocated
-and the code path warmed on a tiny call: VmHWM after resetting it (`/proc/self/clear_refs` 5; a child's
-`ru_maxrss` starts at its parent's RSS at fork), `ru_maxrss` where that reset is unavailable; on CUDA `torch.cuda.max_memory_allocated()` over the
-allocated level. The size of one N×N fp32 map per head of one row is reported alongside.
+The peak is measured by `benchmarks/peak_memory.py` over the level after q/k/v were allocated and the code
+path warmed on a tiny call (CPU: resident-set high-water mark; CUDA: `torch.cuda.max_memory_allocated()`). The size of one N×N fp32 map per head of one row is reported alongside.
 
     HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/eraser_cost.py            # CPU, writes benchmarks/results/eraser_cost.json
     HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/eraser_cost.py --device cuda --out benchmarks/results/eraser_cost_cuda.json
@@ -35,14 +33,12 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import resource
 import statistics
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 import torch
+from peak_memory import mark_same_result, peak_of, run_children
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -158,29 +154,6 @@ def time_table(args) -> list[dict]:
 
 
 # --- (b) memory -------------------------------------------------------------------------------------------
-def _rss_peak_bytes() -> int:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-
-
-def _reset_rss_peak() -> bool:
-    """Reset the kernel's resident-set high-water mark (Linux `clear_refs` 5). Without it a child's ru_maxrss
-    starts at the parent's RSS at fork time (exec keeps the old mm's high-water mark), which hides peaks."""
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
-
-
-def _vm_kib(field: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    raise KeyError(field)
-
-
 def measure_memory(variant: str, args) -> dict:
     """Runs in a fresh process: peak bytes of one call above the level after inputs and warm-up."""
     side = int(round(args.tokens ** 0.5))
@@ -189,46 +162,14 @@ def measure_memory(variant: str, args) -> dict:
     with torch.no_grad():
         fn(make_call(args.batch, args.heads, 64, args.dim, args.device))  # warm the path on an 8×8 grid
         call = make_call(args.batch, args.heads, args.tokens, args.dim, args.device)
-        sync(args.device)
-        if args.device.startswith("cuda"):
-            torch.cuda.reset_peak_memory_stats()
-            base = torch.cuda.memory_allocated()
-            method = "cuda.max_memory_allocated"
-        elif _reset_rss_peak():
-            base, method = _vm_kib("VmRSS") * 1024, "VmHWM after clear_refs reset"
-        else:
-            base, method = _rss_peak_bytes(), "ru_maxrss"
-        t0 = time.perf_counter()
-        out = fn(call)
-        sync(args.device)
-        wall = time.perf_counter() - t0
-        if args.device.startswith("cuda"):
-            peak = torch.cuda.max_memory_allocated() - base
-        elif method == "ru_maxrss":
-            peak = _rss_peak_bytes() - base
-        else:
-            peak = _vm_kib("VmHWM") * 1024 - base
-        checksum = float(out[-1].double().abs().mean())
-    return {"variant": variant, "peak_mib": round(max(0, peak) / 2**20, 1), "seconds": round(wall, 4),
-            "checksum": checksum, "method": method}
-
+        return {"variant": variant, **peak_of(lambda: fn(call), args.device)}
 
 def memory_table(args) -> dict:
-    rows = []
-    for variant in MEMORY_VARIANTS:
-        cmd = [sys.executable, str(Path(__file__).resolve()), "--_memory-child", variant,
-               "--batch", str(args.batch), "--heads", str(args.heads), "--tokens", str(args.tokens),
-               "--dim", str(args.dim), "--memory-cover", str(args.memory_cover), "--device", args.device,
-               "--threads", str(args.threads)]
-        done = subprocess.run(cmd, capture_output=True, text=True, cwd=str(ROOT))
-        if done.returncode != 0:
-            rows.append({"variant": variant, "error": done.stderr.strip().splitlines()[-1:]})
-            continue
-        rows.append(json.loads(done.stdout.strip().splitlines()[-1]))
-    ref = next((r for r in rows if r["variant"] == "official" and "checksum" in r), None)
-    for r in rows:
-        if ref is not None and "checksum" in r and r["variant"] != "sdpa":
-            r["same_result_as_official"] = abs(r["checksum"] - ref["checksum"]) <= 1e-4 * max(1.0, abs(ref["checksum"]))
+    rows = run_children(str(Path(__file__).resolve()), MEMORY_VARIANTS,
+                        ["--batch", str(args.batch), "--heads", str(args.heads), "--tokens", str(args.tokens),
+                         "--dim", str(args.dim), "--memory-cover", str(args.memory_cover), "--device", args.device,
+                         "--threads", str(args.threads)], str(ROOT))
+    mark_same_result(rows, "official", [v for v in MEMORY_VARIANTS if v != "sdpa"], "same_result_as_official")
     one_map = args.heads * args.tokens * args.tokens * 4
     return {"batch": args.batch, "heads": args.heads, "tokens": args.tokens, "dim": args.dim,
             "cover_target": args.memory_cover, "theory_map_mib": round(one_map / 2**20, 1),

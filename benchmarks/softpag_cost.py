@@ -17,9 +17,9 @@ every head of the perturbed row:
     softpag       attnlab's map-free effect: (1-u)·SDPA(Q,K,V) + u·V on the selected rows/heads
     explicit      A = softmax(QKᵀ/√d) materialised, M = (1-u)·A + u·I, M·V (what the official code does)
     fisher_rao    attnlab's gated explicit slow path (query-chunked maps), for reference
-On CPU each variant runs in its own subprocess and the peak is the growth of the resident-set high-water
-mark (`resource.getrusage(RUSAGE_SELF).ru_maxrss`) over the level after q/k/v were allocated and the
-code path warmed on a tiny call; on CUDA it is `torch.cuda.max_memory_allocated()` over the same level.
+Each variant runs in its own subprocess; the peak is measured by `benchmarks/peak_memory.py` over the
+level after q/k/v were allocated and the code path warmed on a tiny call (CPU: resident-set high-water
+mark; CUDA: `torch.cuda.max_memory_allocated()`).
 The size of one N×N fp32 map per row and head is reported alongside ("theory_map_mib").
 
     HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/softpag_cost.py            # CPU, writes benchmarks/results/softpag_cost.json
@@ -32,14 +32,12 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import resource
 import statistics
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 import torch
+from peak_memory import mark_same_result, peak_of, run_children
 from diffusers.hooks.hooks import HookRegistry, ModelHook
 
 from attnlab.models.tiny import FAMILIES, build_tiny_pipeline, denoiser_of, tiny_call_kwargs
@@ -150,41 +148,14 @@ def measure_memory(variant: str, batch: int, heads: int, tokens: int, dim: int, 
     with torch.no_grad():
         fn(make(64))  # warm the code path (lazy imports, kernels) on a tiny call
         call = make(tokens)
-        if device.startswith("cuda"):
-            torch.cuda.synchronize()
-            torch.cuda.reset_peak_memory_stats()
-            base = torch.cuda.memory_allocated()
-        else:
-            base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-        t0 = time.perf_counter()
-        out = fn(call)
-        if device.startswith("cuda"):
-            torch.cuda.synchronize()
-        wall = time.perf_counter() - t0
-        if device.startswith("cuda"):
-            peak = torch.cuda.max_memory_allocated() - base
-        else:
-            peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - base
-        checksum = float(out[-1].double().abs().mean())
-    return {"variant": variant, "peak_mib": round(max(0, peak) / 2**20, 1), "seconds": round(wall, 4),
-            "checksum": checksum}
-
+        return {"variant": variant, **peak_of(lambda: fn(call), device)}
 
 def memory_table(args) -> dict:
-    rows = []
-    for variant in VARIANTS:
-        cmd = [sys.executable, str(Path(__file__).resolve()), "--_memory-child", variant,
-               "--batch", str(args.batch), "--heads", str(args.heads), "--tokens", str(args.tokens),
-               "--dim", str(args.dim), "--u", str(args.u), "--device", args.device, "--threads", str(args.threads)]
-        done = subprocess.run(cmd, capture_output=True, text=True, cwd=str(ROOT))
-        if done.returncode != 0:
-            rows.append({"variant": variant, "error": done.stderr.strip().splitlines()[-1:]})
-            continue
-        rows.append(json.loads(done.stdout.strip().splitlines()[-1]))
-    ref = next((r for r in rows if r["variant"] == "explicit" and "checksum" in r), None)
-    for r in rows:
-        if ref is not None and "checksum" in r and r["variant"] in ("softpag", "explicit"):
-            r["same_result_as_explicit"] = abs(r["checksum"] - ref["checksum"]) <= 1e-4 * max(1.0, abs(ref["checksum"]))
+    rows = run_children(str(Path(__file__).resolve()), VARIANTS,
+                        ["--batch", str(args.batch), "--heads", str(args.heads), "--tokens", str(args.tokens),
+                         "--dim", str(args.dim), "--u", str(args.u), "--device", args.device,
+                         "--threads", str(args.threads)], str(ROOT))
+    mark_same_result(rows, "explicit", ("softpag", "explicit"), "same_result_as_explicit")
     one_map = args.heads * args.tokens * args.tokens * 4  # fp32 N×N map, perturbed row, all heads
     return {"batch": args.batch, "heads": args.heads, "tokens": args.tokens, "dim": args.dim, "u": args.u,
             "perturbed_rows": 1, "theory_map_mib": round(one_map / 2**20, 1),
