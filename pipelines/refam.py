@@ -13,6 +13,7 @@ of the selected layers on the way. Nothing is sampled and no CFG pass is run.
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 from typing import Optional, Sequence
 
 import numpy as np
@@ -63,7 +64,7 @@ class RefAMPipeline(PipelineWrapper):
         return self.vae_scale * int(cfg.patch_size)
 
     def _pixels(self, image, resize: bool):
-        """[F, 3, H, W] in [-1, 1] and [F, H, W, 3] uint8 from a PIL image, an array, a tensor or a frame list."""
+        """[F, 3, H, W] in [-1, 1] (resized to the model's multiple if `resize`) and the given [F, H, W, 3] uint8 from a PIL image, an array, a tensor or a frame list."""
         frames = image if isinstance(image, (list, tuple)) else [image]
         arrays = []
         for f in frames:
@@ -95,10 +96,11 @@ class RefAMPipeline(PipelineWrapper):
             from PIL import Image
 
             Hn, Wn = max(m, round(H / m) * m), max(m, round(W / m) * m)
-            arrays = [np.asarray(Image.fromarray(a).resize((Wn, Hn), Image.BICUBIC)) for a in arrays]
-        uint8 = np.stack(arrays)
-        x = torch.from_numpy(uint8).permute(0, 3, 1, 2).float() / 127.5 - 1.0
-        return x, uint8
+            model_in = np.stack([np.asarray(Image.fromarray(a).resize((Wn, Hn), Image.BICUBIC)) for a in arrays])
+        else:
+            model_in = np.stack(arrays)
+        x = torch.from_numpy(model_in).permute(0, 3, 1, 2).float() / 127.5 - 1.0
+        return x, np.stack(arrays)  # results come back at the caller's size
 
     # --- one forward ----------------------------------------------------------------------------
     @torch.no_grad()
@@ -159,7 +161,8 @@ class RefAMPipeline(PipelineWrapper):
         raise ValueError(f"RefAM does not support {fam} models")
 
     @torch.no_grad()
-    def _forward(self, z0: torch.Tensor, noise: torch.Tensor, sigma: float, text: dict) -> None:
+    def _forward(self, z0: torch.Tensor, noise: torch.Tensor, sigma: float, text: dict):
+        """One denoiser forward on the latent noised to `sigma`; returns the denoiser's output (discarded by RefAM)."""
         den, fam = self.denoiser, self.family
         dtype = den.dtype
         if fam == "unet" or (fam == "pixart" and not hasattr(self.pipe.scheduler.config, "shift")):
@@ -177,10 +180,10 @@ class RefAMPipeline(PipelineWrapper):
             packed = self.pipe._pack_latents(zt, b, c, h, w)
             ids = self.pipe._prepare_latent_image_ids(b, h // 2, w // 2, den.device, dtype)
             guidance = torch.full([b], self.options.guidance, device=den.device) if den.config.guidance_embeds else None
-            den(hidden_states=packed, timestep=timestep / 1000.0, guidance=guidance, img_ids=ids, return_dict=False,
+            return den(hidden_states=packed, timestep=timestep / 1000.0, guidance=guidance, img_ids=ids, return_dict=False,
                 **text)
         elif fam == "sd3":
-            den(hidden_states=zt, timestep=timestep, return_dict=False, **text)
+            return den(hidden_states=zt, timestep=timestep, return_dict=False, **text)
         elif fam == "unet":
             kw = dict(text)
             pooled = kw.pop("added", None)
@@ -189,23 +192,18 @@ class RefAMPipeline(PipelineWrapper):
                 proj = self.pipe.text_encoder_2.config.projection_dim
                 time_ids = self.pipe._get_add_time_ids((h, w), (0, 0), (h, w), dtype, text_encoder_projection_dim=proj)
                 kw["added_cond_kwargs"] = {"text_embeds": pooled, "time_ids": time_ids.to(den.device)}
-            den(zt, timestep, return_dict=False, **kw)
+            return den(zt, timestep, return_dict=False, **kw)
         elif fam == "wan":
-            den(hidden_states=zt, timestep=timestep, return_dict=False, **text)
+            return den(hidden_states=zt, timestep=timestep, return_dict=False, **text)
         else:  # pixart
-            den(zt, timestep=timestep, added_cond_kwargs={"resolution": None, "aspect_ratio": None}, return_dict=False,
+            return den(zt, timestep=timestep, added_cond_kwargs={"resolution": None, "aspect_ratio": None}, return_dict=False,
                 **text)
 
     # --- the call -------------------------------------------------------------------------------
-    def __call__(self, image, expression: str, *, sam=None, resize: bool = False,
-                 max_sequence_length: Optional[int] = None, generator: Optional[torch.Generator] = None,
-                 **options) -> RefAMResult:
-        """Segment the object `expression` refers to in `image` (PIL, H×W×3 array, 3×H×W tensor in [0, 1]; a list
-        of frames for Wan). Options override the pipeline's (see `RefAMOptions`). `sam`: a SAM/SAM2 image
-        predictor for mask_mode "sam_point"/"sam_box"."""
-        opts = self.options.with_(**options) if options else self.options
-        opts.validate()
-        t0 = time.perf_counter()
+    def prepare(self, image, expression: str, opts: RefAMOptions, resize: bool = False,
+                max_sequence_length: Optional[int] = None, generator: Optional[torch.Generator] = None) -> Prepared:
+        """Everything before the forwards: the prompt and its words, the image latent, the noise, the text
+        inputs and the recorder. Raises ValueError for bad input before any model runs."""
         prompt = opts.prompt(expression)
         if isinstance(image, (list, tuple)) and self.family != "wan":
             raise ValueError(f"a list of frames needs a video model (Wan); this is a {self.family} pipeline")
@@ -213,28 +211,55 @@ class RefAMPipeline(PipelineWrapper):
         st = int(getattr(self.pipe, "vae_scale_factor_temporal", 4))
         if self.family == "wan" and (len(uint8) - 1) % st:
             raise ValueError(f"Wan takes 1 + {st}·k frames (1, {1 + st}, {1 + 2 * st}, ...); got {len(uint8)}")
-        z0 = self._latents(x)
         text, segments = self._text(prompt, opts, max_sequence_length)
         words = Words.of(prompt, segments, opts.filter_stopwords)
         sites = [(s.site.layer, s.site.kind) for s in attention_sites(self.denoiser)]
         doubles = len(getattr(self.denoiser, "transformer_blocks", [])) if self.family == "flux" else 0
         recorder = recorder_for(opts, words, self.family, sites, doubles)
+        z0 = self._latents(x)
         gen = generator or torch.Generator().manual_seed(int(opts.seed))
         noise = torch.randn(z0.shape, generator=gen, dtype=torch.float32).to(z0.device, z0.dtype)
+        frames = uint8[_latent_frame_starts(len(uint8), self.pipe)] if self.family == "wan" else uint8
+        return Prepared(words, frames, z0, noise, text, recorder)
+
+    def record(self, prep: Prepared, sigmas: Sequence[float]) -> None:
+        """One forward per noise level with the recorder installed (all rows are the expression: role cond)."""
+        with Session(self.denoiser, [prep.recorder], vae_scale=self.vae_scale) as session, session.roles_for("cond"):
+            for sigma in sigmas:
+                prep.recorder.at(float(sigma))
+                self._forward(prep.z0, prep.noise, float(sigma), prep.text)
+
+    def __call__(self, image, expression: str, *, sam=None, resize: bool = False,
+                 max_sequence_length: Optional[int] = None, generator: Optional[torch.Generator] = None,
+                 **options) -> RefAMResult:
+        """Segment the object `expression` refers to in `image` (PIL, H×W×3 array, 3×H×W tensor in [0, 1]; a list
+        of 1 + 4k frames for Wan). Options override the pipeline's (see `RefAMOptions`). `sam`: a SAM/SAM2 image
+        predictor for mask_mode "sam_point"/"sam_box"."""
+        opts = self.options.with_(**options) if options else self.options
+        opts.validate()
+        if opts.mask_mode != "threshold" and sam is None:
+            raise ValueError(f"mask_mode {opts.mask_mode!r} needs a SAM/SAM2 image predictor (sam=...); use "
+                             "mask_mode='threshold' without one")
+        t0 = time.perf_counter()
+        prep = self.prepare(image, expression, opts, resize, max_sequence_length, generator)
         t1 = time.perf_counter()
-        with Session(self.denoiser, [recorder], vae_scale=self.vae_scale) as session, session.roles_for("cond"):
-            for sigma in opts.sigmas:
-                recorder.at(float(sigma))
-                self._forward(z0, noise, float(sigma), text)
+        self.record(prep, opts.sigmas)
         t2 = time.perf_counter()
-        frames = uint8
-        if self.family == "wan":
-            frames = uint8[_latent_frame_starts(len(uint8), self.pipe)]
-        result = finish(recorder, words, opts, frames, sam=sam)
+        result = finish(prep.recorder, prep.words, opts, prep.frames, sam=sam)
         result.timings = {"encode_s": t1 - t0, "forward_s": t2 - t1, "total_s": time.perf_counter() - t0,
                           "forwards": len(opts.sigmas)}
         self.last_timings = result.timings
         return result
+
+
+@dataclass
+class Prepared:
+    words: Words
+    frames: np.ndarray  # [F, H, W, 3] uint8, one per latent frame
+    z0: torch.Tensor
+    noise: torch.Tensor
+    text: dict
+    recorder: object
 
 
 def _latent_frame_starts(n_frames: int, pipe) -> list[int]:
