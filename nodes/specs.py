@@ -6,7 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional, Sequence
 
-SOCKET_TYPES = ("MODEL", "LATENT", "CONDITIONING", "IMAGE", "MASK", "CLIP", "VAE")
+SOCKET_TYPES = ("MODEL", "LATENT", "CONDITIONING", "IMAGE", "MASK", "CLIP", "VAE", "SAM2MODEL")  # SAM2MODEL: SAM2 node packs
 WIDGET_TYPES = ("FLOAT", "INT", "BOOLEAN", "COMBO", "STRING")
 
 

@@ -8,7 +8,7 @@ from . import NODE_SPECS
 from .specs import NodeSpec, Param
 
 _SOCKETS = {"MODEL": io.Model, "LATENT": io.Latent, "CONDITIONING": io.Conditioning, "IMAGE": io.Image,
-            "MASK": io.Mask, "CLIP": io.Clip, "VAE": io.Vae}
+            "MASK": io.Mask, "CLIP": io.Clip, "VAE": io.Vae, "SAM2MODEL": io.Custom("SAM2MODEL")}
 
 
 def _input(p: Param):

@@ -185,3 +185,37 @@ def _word_at(words: Sequence[Word], start: int, end: int) -> Optional[int]:
         if w.start >= start:
             return i
     return None
+
+
+def token_sets_from_pieces(pieces: Sequence[Optional[str]], specials: Sequence[Optional[str]], prompt: Prompt,
+                           offset: int = 0) -> TokenSets:
+    """Token categories when only the token *pieces* are known (ComfyUI's tokenizers give ids, no offsets):
+    `pieces[i]` is the i-th token's vocabulary string, `specials[i]` one of "bos"/"eos"/"pad" (None for text
+    tokens). Pieces are aligned to the prompt's characters left to right (SentencePiece "▁" and CLIP "</w>"
+    markers removed, case-insensitive); a piece that does not match the text is an error."""
+    text = prompt.text.lower()
+    cursor, categories, word_of = 0, [], []
+    for i, (piece, special) in enumerate(zip(pieces, specials)):
+        if special is not None:
+            categories.append(special), word_of.append(None)
+            continue
+        clean = (piece or "").replace("▁", " ").replace("</w>", "").strip().lower()
+        while cursor < len(text) and text[cursor].isspace():
+            cursor += 1
+        if not clean:
+            start = end = cursor
+        else:
+            if not text.startswith(clean, cursor):
+                raise ValueError(f"cannot align token {i} ({piece!r}) with the prompt at {text[cursor:cursor + 20]!r}: "
+                                 "the text encoder's tokenizer changed the text (weights syntax, embeddings?)")
+            start, end = cursor, cursor + len(clean)
+            cursor = end
+        w = _word_at(prompt.words, start, end)
+        word_of.append(w)
+        seg = prompt.words[w].segment if w is not None else None
+        categories.append("stop" if w is None else {"caption": "caption", "magnet": "magnet", "aux": "aux"}.get(
+            seg, "stop" if prompt.words[w].stop else "content"))
+    last = max((i for i, w in enumerate(prompt.words) if w.segment == "expression"), default=None)
+    if last is not None and last not in word_of:
+        raise ValueError(f"the RefAM prompt is cut off by the text encoder ({len(pieces)} tokens): {prompt.text!r}")
+    return TokenSets(tuple(categories), tuple(word_of), prompt.words, int(offset), tuple(p or "" for p in pieces))

@@ -181,12 +181,20 @@ def sampling_function(model, x, timestep, uncond, cond, cond_scale, model_option
 
 # ----------------------------------------------------------------------------- guider / sampler
 class KSAMPLER:
-    """Euler (ComfyUI's sampler objects are ``KSAMPLER`` instances)."""
+    """Euler (ComfyUI's sampler objects are ``KSAMPLER`` instances); given a ``sampler_function`` it calls that
+    instead, like ComfyUI's ``KSAMPLER(sampler_function)``: ``fn(model, x, sigmas, extra_args=, callback=, disable=)``."""
+
+    def __init__(self, sampler_function=None, extra_options=None, inpaint_options=None):
+        self.sampler_function = sampler_function
+        self.extra_options = extra_options or {}
 
     def sample(self, guider, sigmas, extra_args, callback, noise, latent_image=None, denoise_mask=None,
                disable_pbar=False):
         ms = guider.inner_model.model_sampling
         x = ms.noise_scaling(sigmas[0], noise, latent_image if latent_image is not None else torch.zeros_like(noise))
+        if self.sampler_function is not None:
+            return self.sampler_function(guider, x, sigmas, extra_args=extra_args, callback=callback,
+                                         disable=disable_pbar, **self.extra_options)
         s_in = x.new_ones([x.shape[0]])
         for i in range(len(sigmas) - 1):
             denoised = guider(x, sigmas[i] * s_in, **extra_args)
