@@ -182,6 +182,41 @@ WORKFLOWS = {"entropy_scaling_sd15.json": sd15_entropy, "entropy_scaling_flux.js
              "softpag_sdxl.json": sdxl_softpag, "softpag_flux.json": flux_softpag,
              "attentive_eraser_sd15.json": sd15_eraser, "attentive_eraser_sdxl.json": sdxl_eraser}
 
+REFAM_NOTE = (
+    "Zero-shot referring segmentation with RefAM (arXiv 2509.22650) on FLUX.1-dev: load an image, type what to "
+    "segment. The node appends stop-word 'attention magnets' to the expression, encodes it with the CLIP input, "
+    "noises the image to 0.5 and runs the model once; the image-to-text attention of blocks 10-56 (without stop "
+    "words, magnets and global attention sinks) is the heatmap, its Otsu threshold at the peak the mask. "
+    "ImageScale makes the sides multiples of 16. For SAM2 masks connect a SAM2 model from a SAM2 node pack to "
+    "sam2_model and choose mask_mode sam_point.")
+
+
+def flux_refam():
+    from attnlab.nodes.refam import REFAM
+
+    g = Graph()
+    unet = g.node("UNETLoader", ["flux1-dev.safetensors", "default"], (0, 0))
+    clip = g.node("DualCLIPLoader", ["clip_l.safetensors", "t5xxl_fp16.safetensors", "flux", "default"], (0, 160))
+    vae = g.node("VAELoader", ["ae.safetensors"], (0, 360))
+    image = g.node("LoadImage", ["example.png", "image"], (0, 500), "Image")
+    scale = g.node("ImageScale", ["lanczos", 1024, 1024, "center"], (380, 500))
+    widgets = [v for p in REFAM.widgets for v in ([p.default, "fixed"] if p.id == "seed" else [p.default])]
+    node = g.node(REFAM.node_id, widgets, (760, 0))
+    overlay = g.node("SaveImage", ["refam_overlay"], (1180, 0))
+    to_image = g.node("MaskToImage", [], (1180, 300))
+    mask = g.node("SaveImage", ["refam_mask"], (1460, 300))
+    heat_image = g.node("MaskToImage", [], (1180, 520))
+    heat = g.node("PreviewImage", [], (1460, 520), "Heatmap")
+    g.link(unet, 0, node, "model"); g.link(clip, 0, node, "clip"); g.link(vae, 0, node, "vae")
+    g.link(image, 0, scale, "image"); g.link(scale, 0, node, "image")
+    g.link(node, 2, overlay, "images"); g.link(node, 0, to_image, "mask"); g.link(to_image, 0, mask, "images")
+    g.link(node, 1, heat_image, "mask"); g.link(heat_image, 0, heat, "images")
+    return g.dump(REFAM_NOTE)
+
+
+WORKFLOWS["refam_flux.json"] = flux_refam
+
+
 if __name__ == "__main__":
     out = ROOT / "workflows"
     out.mkdir(exist_ok=True)

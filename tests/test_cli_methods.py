@@ -133,6 +133,8 @@ def test_centred_mask_is_a_quarter():
                  "--height", "--width", "--out"]),
     ("eraser", ["--image", "--mask", "--scale", "--ss-scale", "--ss-steps", "--strength", "--steps", "--mode",
                 "--seed", "--out", "--prompt"]),
+    ("refam", ["--image", "--expression", "--caption", "--noise", "--layers", "--map-mode", "--gas-mode", "--magnets",
+               "--keep-stopwords", "--threshold", "--blur", "--resize", "--eval", "--seed", "--out"]),
 ])
 def test_help(capsys, command, options):
     with pytest.raises(SystemExit) as e:
@@ -156,3 +158,36 @@ def test_softpag_cli_preset_and_joint_image(tmp_path, capsys):
     params = json.loads((out / "params.json").read_text())
     assert params["heads"] == "L0:H0" and params["preset"] == "sd3-medium-layers-7-10"
     assert params["effect"]["joint"] == "image" and params["extra_passes"] == 1
+
+
+def test_refam_cli_toy_scene_and_given_image(tmp_path, capsys):
+    out = tmp_path / "a"
+    assert _code(["refam", "--model", "tiny-sd15", "--out", str(out)]) == 0
+    report = json.loads((out / "params.json").read_text())
+    assert report["method"] == "refam" and report["family"] == "unet" and report["words"]
+    assert report["prompt"].startswith(report["expression"])
+    for name in report["files"].values():
+        assert (out / name).is_file()
+    assert Image.open(out / "mask.png").size == (64, 64) and 0 < report["mask_fraction"] < 1
+    img = tmp_path / "in.png"
+    Image.fromarray(np.full((61, 64, 3), 128, np.uint8)).save(img)
+    assert _code(["refam", "--model", "tiny-flux", "--image", str(img), "--expression", "the grey square", "--out",
+                  str(out)]) == 2
+    assert "not a multiple of" in capsys.readouterr().err
+    assert _code(["refam", "--model", "tiny-flux", "--image", str(img), "--expression", "the grey square", "--resize",
+                  "--noise", "0.3,0.6", "--layers", "1-2", "--magnets", "", "--out", str(out)]) == 0
+    report = json.loads((out / "params.json").read_text())
+    assert report["layers"] == [1, 2] and report["prompt"] == "the grey square" and report["seconds"]["forwards"] == 2
+    assert Image.open(out / "mask.png").size == (64, 61)
+    assert _code(["refam", "--expression", " ", "--out", str(out)]) == 2
+    assert "expression is empty" in capsys.readouterr().err
+    assert _code(["refam", "--noise", "x", "--out", str(out)]) == 2
+
+
+def test_refam_cli_eval_table(tmp_path, capsys):
+    out = tmp_path / "e"
+    assert _code(["refam", "--model", "tiny-sd15", "--eval", "1", "--out", str(out)]) == 0
+    report = json.loads((out / "params.json").read_text())
+    names = [r["variant"] for r in report["eval"]]
+    assert names[0] == "default" and "no magnets" in names and all(0 <= r["mIoU"] <= 1 for r in report["eval"])
+    assert (out / "eval.md").read_text().startswith("| variant |")
