@@ -747,6 +747,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="out/eraser", help="output folder (default: %(default)s)")
     p.set_defaults(func=cmd_eraser)
 
+    sub.add_parser("demo", help="the Gradio demo: one tab per method (attnlab demo --help for its options)",
+                   add_help=False)
+
     p = sub.add_parser(
         "refam",
         help="RefAM: segment the object an expression refers to, from the model's image-text attention",
@@ -794,6 +797,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["demo"]:  # the Gradio app has its own options (attnlab demo --help)
+        from .demo import main as demo_main
+
+        return demo_main(argv[1:])
     args = build_parser().parse_args(argv)
     try:
         report = args.func(args)

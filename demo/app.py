@@ -1,0 +1,183 @@
+"""The attnlab Gradio demo: one tab per method, a model picker, progress through the sampling steps.
+
+    attnlab demo [--port 7860] [--device cpu]          (or: python -m attnlab.demo)
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import os
+
+from . import runs
+
+TITLE = "attnlab — training-free attention methods"
+INTRO = ("Every tab runs a method of the pack off and on with the same seed. The embedded models are tiny and run "
+         "offline on a CPU in seconds; pick a local diffusers folder (or a hub id, with internet) for real results.")
+
+
+def _ui_errors(fn):
+    """Bad input becomes a readable message in the UI (gr.Error) instead of a stack trace."""
+    import gradio as gr
+
+    @functools.wraps(fn)
+    def wrapped(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except (ValueError, TypeError, NotImplementedError, FileNotFoundError, OSError) as err:
+            raise gr.Error(str(err)) from None
+
+    return wrapped
+
+
+def _progress(progress):
+    return lambda frac, desc: progress(frac, desc=desc)
+
+
+def build_app(store: runs.ModelStore | None = None):
+    import gradio as gr
+
+    store = store or runs.ModelStore()
+    models = runs.embedded_models()
+
+    with gr.Blocks(title=TITLE) as app:
+        gr.Markdown(f"# {TITLE}\n{INTRO}")
+        model = gr.Dropdown(models, value=models[0], label="Model", allow_custom_value=True, elem_id="model",
+                            info="embedded models, or type a local diffusers folder / hub id")
+
+        with gr.Tab("SoftPAG", elem_id="tab-softpag"):
+            with gr.Row():
+                with gr.Column():
+                    sp_prompt = gr.Textbox("a red circle above a blue square", label="Prompt", elem_id="sp-prompt")
+                    sp_heads = gr.Dropdown(label="Heads", allow_custom_value=True, elem_id="sp-heads",
+                                           info="e.g. 'L7:H3,H5; L9:*', UNet blocks 'm0', or a preset; empty = default")
+                    with gr.Row():
+                        sp_scale = gr.Slider(0, 10, 3.0, step=0.5, label="Scale w")
+                        sp_u = gr.Slider(0, 1, 1.0, step=0.05, label="u (interpolation to identity)")
+                    with gr.Row():
+                        sp_steps = gr.Slider(1, 50, 4, step=1, label="Steps")
+                        sp_seed = gr.Number(0, precision=0, label="Seed")
+                    sp_run = gr.Button("Generate off / on", variant="primary", elem_id="sp-run")
+                with gr.Column():
+                    with gr.Row():
+                        sp_off = gr.Image(label="off (stock)", elem_id="sp-off")
+                        sp_on = gr.Image(label="SoftPAG", elem_id="sp-on")
+                    sp_info = gr.Textbox(label="Details", elem_id="sp-info")
+
+        with gr.Tab("RefAM", elem_id="tab-refam"):
+            with gr.Row():
+                with gr.Column():
+                    ra_image = gr.Image(type="pil", label="Image", elem_id="ra-image")
+                    with gr.Row():
+                        ra_seed = gr.Number(0, precision=0, label="Scene seed")
+                        ra_scene = gr.Button("Make a toy scene", elem_id="ra-scene")
+                    ra_expr = gr.Textbox("the red circle", label="Referring expression", elem_id="ra-expr")
+                    with gr.Row():
+                        ra_noise = gr.Slider(0.05, 0.95, 0.5, step=0.05, label="Noise level")
+                        ra_gas = gr.Radio(["drop", "suppress", "redirect"], value="drop", label="Attention sinks")
+                    ra_run = gr.Button("Segment", variant="primary", elem_id="ra-run")
+                with gr.Column():
+                    with gr.Row():
+                        ra_overlay = gr.Image(label="Heatmap overlay", elem_id="ra-overlay")
+                        ra_mask = gr.Image(label="Mask", elem_id="ra-mask")
+                    ra_heat = gr.Image(label="Heatmap", elem_id="ra-heat")
+                    ra_info = gr.Textbox(label="Details", elem_id="ra-info")
+
+        with gr.Tab("Attentive Eraser", elem_id="tab-eraser"):
+            with gr.Row():
+                with gr.Column():
+                    er_editor = gr.ImageMask(type="numpy", label="Paint over the object to remove", elem_id="er-editor")
+                    with gr.Row():
+                        er_seed_scene = gr.Number(1, precision=0, label="Scene seed")
+                        er_scene = gr.Button("Load a toy scene", elem_id="er-scene")
+                    with gr.Row():
+                        er_scale = gr.Slider(0, 15, 9.0, step=0.5, label="SARG scale")
+                        er_steps = gr.Slider(1, 50, 10, step=1, label="Steps")
+                        er_seed = gr.Number(0, precision=0, label="Seed")
+                    er_run = gr.Button("Erase", variant="primary", elem_id="er-run")
+                with gr.Column():
+                    with gr.Row():
+                        er_input = gr.Image(label="input", elem_id="er-input")
+                        er_before = gr.Image(label="plain inpainting (s = 0)", elem_id="er-before")
+                        er_after = gr.Image(label="Attentive Eraser", elem_id="er-after")
+                    er_info = gr.Textbox(label="Details", elem_id="er-info")
+
+        with gr.Tab("Entropy scaling", elem_id="tab-entropy"):
+            with gr.Row():
+                with gr.Column():
+                    en_prompt = gr.Textbox("a small green star on a striped background", label="Prompt",
+                                           elem_id="en-prompt")
+                    en_res = gr.Slider(0.5, 3.0, 2.0, step=0.25, label="Resolution (× native size)", elem_id="en-res")
+                    with gr.Row():
+                        en_steps = gr.Slider(1, 50, 4, step=1, label="Steps")
+                        en_seed = gr.Number(0, precision=0, label="Seed")
+                    en_run = gr.Button("Generate off / on", variant="primary", elem_id="en-run")
+                with gr.Column():
+                    with gr.Row():
+                        en_off = gr.Image(label="stock", elem_id="en-off")
+                        en_on = gr.Image(label="entropy scaling", elem_id="en-on")
+                    en_info = gr.Textbox(label="Details", elem_id="en-info")
+
+        # --- events --------------------------------------------------------------------------------
+        @_ui_errors
+        def heads_for(name):
+            choices = runs.softpag_choices(store, name)
+            return gr.Dropdown(choices=choices, value=choices[0])
+
+        @_ui_errors
+        def softpag(name, prompt, heads, scale, u, steps, seed, progress=gr.Progress()):
+            return runs.run_softpag(store, name, prompt, heads, scale, u, steps, seed, _progress(progress))
+
+        @_ui_errors
+        def scene(seed):
+            return runs.toy_scene(seed)
+
+        @_ui_errors
+        def refam(name, image, expr, noise, gas, progress=gr.Progress()):
+            return runs.run_refam(store, name, image, expr, noise, gas, _progress(progress))
+
+        @_ui_errors
+        def eraser_scene(seed):
+            img, _ = runs.toy_scene(seed)
+            return {"background": img, "layers": [], "composite": img}
+
+        @_ui_errors
+        def eraser(name, editor, scale, steps, seed, progress=gr.Progress()):
+            return runs.run_eraser(store, name, editor, scale, steps, seed, _progress(progress))
+
+        @_ui_errors
+        def entropy(name, prompt, res, steps, seed, progress=gr.Progress()):
+            return runs.run_entropy(store, name, prompt, res, steps, seed, progress=_progress(progress))
+
+        model.change(heads_for, model, sp_heads, api_name="heads")
+        app.load(heads_for, model, sp_heads)
+        sp_run.click(softpag, [model, sp_prompt, sp_heads, sp_scale, sp_u, sp_steps, sp_seed],
+                     [sp_off, sp_on, sp_info], api_name="softpag")
+        ra_scene.click(scene, ra_seed, [ra_image, ra_expr], api_name="toy_scene")
+        ra_run.click(refam, [model, ra_image, ra_expr, ra_noise, ra_gas], [ra_overlay, ra_mask, ra_heat, ra_info],
+                     api_name="refam")
+        er_scene.click(eraser_scene, er_seed_scene, er_editor, api_name="eraser_scene")
+        er_run.click(eraser, [model, er_editor, er_scale, er_steps, er_seed], [er_input, er_before, er_after, er_info],
+                     api_name="eraser")
+        en_run.click(entropy, [model, en_prompt, en_res, en_steps, en_seed], [en_off, en_on, en_info],
+                     api_name="entropy")
+    return app
+
+
+def main(argv=None) -> int:
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+    ap = argparse.ArgumentParser(prog="attnlab demo", description="The attnlab Gradio demo (one tab per method).")
+    ap.add_argument("--host", default="127.0.0.1", help="address to listen on (default: %(default)s)")
+    ap.add_argument("--port", type=int, default=7860, help="port (default: %(default)s)")
+    ap.add_argument("--device", default="cpu", help="torch device for the models (default: %(default)s)")
+    ap.add_argument("--share", action="store_true", help="also make a public gradio.live link (needs internet)")
+    args = ap.parse_args(argv)
+    try:
+        import gradio  # noqa: F401
+    except ImportError:
+        print("attnlab demo needs gradio: pip install 'attnlab[demo]' (gradio==6.31.0)")
+        return 2
+    app = build_app(runs.ModelStore(args.device))
+    app.queue(default_concurrency_limit=2).launch(server_name=args.host, server_port=args.port, share=args.share)
+    return 0

@@ -1,0 +1,260 @@
+"""What each demo tab does, without Gradio: plain functions from the inputs to images and a summary.
+
+Pipelines are loaded once per model name and shared; every run takes that model's lock, because attnlab
+installs its effects on the (shared) denoiser for the duration of a run, so two users never run on the same
+pipeline at once and never see each other's effects. Nothing else is kept between calls.
+"""
+
+from __future__ import annotations
+
+import inspect
+import threading
+import time
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+import numpy as np
+import torch
+from PIL import Image
+
+from ..cli import _tiny_extras, default_heads, load_pipeline
+from ..processors.host_diffusers import denoisers_of, geometry_of
+
+Progress = Callable[[float, str], None]
+
+#: the embedded models offered by default (random-weight tiny models; trained toy models when shipped)
+EMBEDDED = ("tiny-sd15", "tiny-sdxl", "tiny-sd3", "tiny-flux", "tiny-pixart", "tiny-wan")
+
+
+def embedded_models() -> list[str]:
+    """The trained toy models first (when their weights are installed), then the tiny random-weight ones."""
+    names = []
+    try:
+        from ..toyworld.models import available_toy_models  # noqa: PLC0415 - shipped with issue 8's weights
+
+        names += [f"toy-{n}" for n in available_toy_models()]
+    except ImportError:
+        pass
+    return names + list(EMBEDDED)
+
+
+@dataclass
+class Loaded:
+    pipe: object
+    family: str
+    native: tuple[int, int]
+    lock: threading.Lock
+
+
+class ModelStore:
+    """Loads each model once; `get(name)` returns it with its run lock."""
+
+    def __init__(self, device: str = "cpu"):
+        self.device = device
+        self._models: dict[str, Loaded] = {}
+        self._lock = threading.Lock()
+
+    def get(self, name: str) -> Loaded:
+        name = (name or "").strip()
+        if not name:
+            raise ValueError("choose a model: an embedded one, a local diffusers folder or a hub id")
+        with self._lock:
+            if name not in self._models:
+                pipe = load_pipeline(name, self.device)
+                geometry = geometry_of(denoisers_of(pipe)[0], pipe)
+                self._models[name] = Loaded(pipe, geometry.family, (geometry.native_size[1], geometry.native_size[2]),
+                                            threading.Lock())
+            return self._models[name]
+
+
+def _frames(output) -> list[Image.Image]:
+    from ..cli import _frames as frames
+
+    return frames(output)
+
+
+def _steps_callback(progress: Optional[Progress], steps: int, start: float, span: float, what: str, pipe=None) -> dict:
+    """Pipeline keyword arguments that report step i of `steps` as progress in [start, start + span]: diffusers'
+    `callback_on_step_end`, or the older `callback` (PixArt)."""
+    def report(i):
+        if progress is not None:
+            progress(start + span * (i + 1) / max(1, steps), f"{what}: step {i + 1}/{steps}")
+
+    target = getattr(pipe, "pipe", pipe)
+    params = inspect.signature(type(target).__call__).parameters if target is not None else {}
+    if "callback_on_step_end" in params or target is None:
+        return {"callback_on_step_end": lambda p, i, t, kw: (report(i), {})[1]}
+    if "callback" in params:
+        return {"callback": lambda i, t, latents: report(i), "callback_steps": 1}
+    return {}
+
+
+def _call(model: str, loaded: Loaded, prompt: str, height: int, width: int, steps: int, guidance: float) -> dict:
+    if not prompt.strip():
+        raise ValueError("the prompt is empty")
+    call = dict(prompt=prompt, height=int(height), width=int(width), num_inference_steps=int(steps),
+                guidance_scale=float(guidance))
+    if loaded.family == "wan":
+        call["num_frames"] = 5
+    call.update(_tiny_extras(model))
+    return call
+
+
+def _check_steps(steps) -> int:
+    steps = int(steps)
+    if not 1 <= steps <= 200:
+        raise ValueError(f"steps must be in [1, 200]; got {steps}")
+    return steps
+
+
+def _mid(frames: list[Image.Image]) -> Image.Image:
+    return frames[len(frames) // 2].convert("RGB")
+
+
+def _gen(seed: int) -> torch.Generator:
+    return torch.Generator().manual_seed(int(seed))
+
+
+# --- entropy scaling -------------------------------------------------------------------------------
+
+def run_entropy(store: ModelStore, model: str, prompt: str, resolution: float, steps: int, seed: int,
+                strength: float = 1.0, progress: Optional[Progress] = None):
+    """Stock vs entropy-scaled sampling at `resolution` × the model's native size."""
+    from ..pipelines.entropy import entropy_scaling
+
+    steps = _check_steps(steps)
+    if not 0.25 <= float(resolution) <= 4.0:
+        raise ValueError(f"resolution must be between 0.25× and 4× the native size; got {resolution}")
+    loaded = store.get(model)
+    mult = 16
+    h = max(mult, round(loaded.native[0] * float(resolution) / mult) * mult)
+    w = max(mult, round(loaded.native[1] * float(resolution) / mult) * mult)
+    call = _call(model, loaded, prompt, h, w, steps, 5.0 if loaded.family != "flux" else 3.5)
+    with loaded.lock, torch.no_grad():
+        t0 = time.perf_counter()
+        off = _mid(_frames(loaded.pipe(**call, generator=_gen(seed),
+                                       **_steps_callback(progress, steps, 0.0, 0.5, "stock", loaded.pipe))))
+        t1 = time.perf_counter()
+        with entropy_scaling(loaded.pipe, strength=float(strength)) as session:
+            on = _mid(_frames(loaded.pipe(**call, generator=_gen(seed),
+                                          **_steps_callback(progress, steps, 0.5, 0.5, "scaled", loaded.pipe))))
+            lam = session.effects[0].last_lambda
+        t2 = time.perf_counter()
+    lams = sorted(set(round(v, 3) for v in lam.values())) if lam else []
+    info = (f"{model} at {w}×{h} (native {loaded.native[1]}×{loaded.native[0]}); λ per layer: "
+            f"{', '.join(map(str, lams[:6])) or '1 (native size: bit-identical)'}; stock {t1 - t0:.2f} s, "
+            f"scaled {t2 - t1:.2f} s")
+    return off, on, info
+
+
+# --- SoftPAG ---------------------------------------------------------------------------------------
+
+def softpag_choices(store: ModelStore, model: str) -> list[str]:
+    """Head-set suggestions for the picker: the model's default, its presets, whole middle layers."""
+    from ..processors.presets import list_presets
+
+    loaded = store.get(model)
+    out = [default_heads(loaded.pipe)]
+    out += [f"preset:{p}" for p in list_presets()]
+    return out
+
+
+def run_softpag(store: ModelStore, model: str, prompt: str, heads: str, scale: float, u: float, steps: int,
+                seed: int, progress: Optional[Progress] = None):
+    from ..pipelines.softpag import SoftPAGPipeline
+
+    steps = _check_steps(steps)
+    loaded = store.get(model)
+    heads = (heads or "").strip() or default_heads(loaded.pipe)
+    preset = heads[len("preset:"):] if heads.startswith("preset:") else None
+    pag = SoftPAGPipeline.from_pipe(loaded.pipe, heads=None if preset else heads, preset=preset, scale=float(scale),
+                                    u=float(u))
+    call = _call(model, loaded, prompt, *loaded.native, steps, 5.0 if loaded.family != "flux" else 3.5)
+    with loaded.lock, torch.no_grad():
+        t0 = time.perf_counter()
+        off = _mid(_frames(loaded.pipe(**call, generator=_gen(seed),
+                                       **_steps_callback(progress, steps, 0.0, 0.5, "stock", loaded.pipe))))
+        t1 = time.perf_counter()
+        on = _mid(_frames(pag(**call, generator=_gen(seed),
+                              **_steps_callback(progress, steps, 0.5, 0.5, "SoftPAG", loaded.pipe))))
+        t2 = time.perf_counter()
+    info = (f"heads {pag.effect.resolved_heads}, w = {pag.schedule.scale:g}, u = {pag.effect.u:g}; "
+            f"{pag.extra_passes} extra forwards; stock {t1 - t0:.2f} s, SoftPAG {t2 - t1:.2f} s")
+    return off, on, info
+
+
+# --- RefAM -----------------------------------------------------------------------------------------
+
+def toy_scene(seed: int, size: int = 64):
+    """A toy-world scene and its first referring expression."""
+    from ..toyworld.scenes import referring_expressions, render, sample_scene
+
+    scene = sample_scene(int(seed))
+    return render(scene, size), referring_expressions(scene)[0]["text"]
+
+
+def run_refam(store: ModelStore, model: str, image, expression: str, noise: float, gas_mode: str,
+              progress: Optional[Progress] = None):
+    from ..pipelines.refam import RefAMPipeline
+    from ..processors.refam_heatmap import colorize
+
+    if image is None:
+        raise ValueError("upload an image or make a toy scene first")
+    loaded = store.get(model)
+    if loaded.family == "wan":
+        raise ValueError("the demo's RefAM tab takes images; choose an image model (Wan segments videos in the API)")
+    seg = RefAMPipeline.from_pipe(loaded.pipe, sigmas=(float(noise),), gas_mode=gas_mode)
+    if progress is not None:
+        progress(0.1, "encoding")
+    extras = {k: v for k, v in _tiny_extras(model).items() if k == "max_sequence_length"}
+    with loaded.lock, torch.no_grad():
+        out = seg(image, expression, resize=True, **extras)
+    heat = Image.fromarray(colorize(out.heatmap))
+    mask = Image.fromarray((out.mask.numpy() * 255).astype(np.uint8))
+    info = (f"prompt: {out.prompt!r}; content words: {', '.join(out.words)}; sinks dropped: "
+            f"{sum(len(v) for v in out.sinks.values())}; forward {out.timings['forward_s']:.2f} s, total "
+            f"{out.timings['total_s']:.2f} s")
+    return out.overlay, mask, heat, info
+
+
+# --- Attentive Eraser ------------------------------------------------------------------------------
+
+def editor_mask(value) -> tuple[Image.Image, Image.Image]:
+    """(image, mask) from a Gradio ImageMask value: the background and the union of the painted layers' alpha."""
+    if value is None or value.get("background") is None:
+        raise ValueError("upload an image (or make a toy scene) and paint over the object to remove")
+    bg = np.asarray(value["background"])
+    alpha = np.zeros(bg.shape[:2], bool)
+    for layer in value.get("layers") or []:
+        layer = np.asarray(layer)
+        if layer.ndim == 3 and layer.shape[-1] == 4 and layer.shape[:2] == alpha.shape:
+            alpha |= layer[..., 3] > 0
+    if not alpha.any():
+        raise ValueError("paint over the object to remove (the mask is empty)")
+    image = Image.fromarray(bg[..., :3].astype(np.uint8))
+    return image, Image.fromarray((alpha * 255).astype(np.uint8))
+
+
+def run_eraser(store: ModelStore, model: str, editor, scale: float, steps: int, seed: int,
+               progress: Optional[Progress] = None):
+    from ..pipelines.eraser import AttentiveEraserPipeline
+
+    steps = _check_steps(steps)
+    image, mask = editor_mask(editor)
+    loaded = store.get(model)
+    if loaded.family != "unet":
+        raise ValueError(f"the Attentive Eraser tab runs on SD1.5/SDXL models; {model} is a {loaded.family} model")
+    h, w = loaded.native
+    image, mask = image.resize((w, h)), mask.resize((w, h), Image.NEAREST)
+    erase = dict(prompt="", num_inference_steps=steps, strength=0.8, **_tiny_extras(model))
+    with loaded.lock, torch.no_grad():
+        t0 = time.perf_counter()
+        eraser = AttentiveEraserPipeline.from_pipe(loaded.pipe, sarg_scale=float(scale))
+        plain = AttentiveEraserPipeline.from_pipe(loaded.pipe, sarg_scale=0.0)
+        before = plain(image, mask, generator=_gen(seed), **erase).images[0]
+        if progress is not None:
+            progress(0.5, "plain inpainting done")
+        after = eraser(image, mask, generator=_gen(seed), **erase).images[0]
+        t = time.perf_counter() - t0
+    info = f"SARG scale {scale:g}, {steps} steps, {eraser.extra_passes} extra forwards; {t:.2f} s for both runs"
+    return image, before, after, info

@@ -1,0 +1,193 @@
+"""The Gradio demo (`attnlab demo`): its tab functions directly, its HTTP API through gradio_client, and every
+tab driven in a real headless Chromium (Debian `chromium` + Python playwright with the system executable).
+The browser test also saves the README's screenshots to docs/images/demo_*.png when ATTNLAB_SCREENSHOTS=1."""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from attnlab.demo import runs
+
+ROOT = Path(__file__).resolve().parent.parent
+SHOTS = ROOT / "docs" / "images"
+
+def test_runs_validate_input_before_work():
+    store = runs.ModelStore()
+    with pytest.raises(ValueError, match="prompt is empty"):
+        runs.run_softpag(store, "tiny-sd15", "  ", "", 3.0, 1.0, 2, 0)
+    with pytest.raises(ValueError, match="steps"):
+        runs.run_entropy(store, "tiny-sd15", "x", 2.0, 0, 0)
+    with pytest.raises(ValueError, match="resolution"):
+        runs.run_entropy(store, "tiny-sd15", "x", 9.0, 2, 0)
+    with pytest.raises(ValueError, match="upload an image"):
+        runs.run_refam(store, "tiny-sd15", None, "the dog", 0.5, "drop")
+    img, _ = runs.toy_scene(1)
+    with pytest.raises(ValueError, match="mask is empty"):
+        runs.run_eraser(store, "tiny-sd15", {"background": np.asarray(img), "layers": []}, 9.0, 2, 0)
+    with pytest.raises(ValueError, match="choose a model"):
+        store.get(" ")
+    with pytest.raises(ValueError):
+        store.get("tiny-nope")
+
+
+def test_runs_produce_images_and_one_lock_per_model():
+    store = runs.ModelStore()
+    seen = []
+    off, on, info = runs.run_softpag(store, "tiny-sd15", "a red circle", "m0", 3.0, 1.0, 2, 0,
+                                     progress=lambda f, d: seen.append((f, d)))
+    assert off.size == on.size == (64, 64) and "extra forwards" in info
+    assert seen and seen[-1][0] == pytest.approx(1.0) and all(0 < f <= 1 for f, _ in seen)
+    assert np.asarray(off).tolist() != np.asarray(on).tolist()
+    img, expr = runs.toy_scene(2)
+    overlay, mask, heat, info = runs.run_refam(store, "tiny-sd15", img, expr, 0.5, "drop")
+    assert overlay.size == mask.size == heat.size == img.size and "content words" in info
+    bg = np.asarray(img)
+    layer = np.zeros(bg.shape[:2] + (4,), np.uint8)
+    layer[16:40, 16:40, 3] = 255
+    inp, before, after, info = runs.run_eraser(store, "tiny-sd15", {"background": bg, "layers": [layer]}, 9.0, 2, 0)
+    assert before.size == after.size and np.asarray(before).tolist() != np.asarray(after).tolist()
+    assert store.get("tiny-sd15") is store.get("tiny-sd15")
+    with pytest.raises(ValueError, match="SD1.5/SDXL"):
+        runs.run_eraser(store, "tiny-flux", {"background": bg, "layers": [layer]}, 9.0, 2, 0)
+
+
+# --- the running app ------------------------------------------------------------------------------
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server():
+    pytest.importorskip("gradio")
+    port = _free_port()
+    env = dict(os.environ, HF_HUB_OFFLINE="1", GRADIO_ANALYTICS_ENABLED="False", OMP_NUM_THREADS="1")
+    env["PYTHONPATH"] = str(ROOT.parent) + os.pathsep + env.get("PYTHONPATH", "")
+    proc = subprocess.Popen([sys.executable, "-m", "attnlab.demo", "--port", str(port)], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    url = f"http://127.0.0.1:{port}/"
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError("the demo exited:\n" + proc.stdout.read())
+        try:
+            urllib.request.urlopen(url, timeout=2)
+            break
+        except OSError:
+            time.sleep(0.5)
+    else:
+        proc.kill()
+        raise RuntimeError("the demo did not answer within 120 s")
+    yield url
+    proc.terminate()
+    try:
+        proc.wait(10)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+
+
+@pytest.mark.browser
+def test_api_client(server):
+    from gradio_client import Client, handle_file
+
+    client = Client(server, verbose=False)
+    off, on, info = client.predict("tiny-sd15", "a red circle", "m0", 3.0, 1.0, 2, 0, api_name="/softpag")
+    assert Path(off).is_file() and Path(on).is_file() and "extra forwards" in info
+    image, expr = client.predict(3, api_name="/toy_scene")
+    overlay, mask, heat, info = client.predict("tiny-sd15", handle_file(image), expr, 0.5, "drop", api_name="/refam")
+    assert Path(overlay).is_file() and "content words" in info
+    with pytest.raises(Exception, match="prompt is empty"):
+        client.predict("tiny-sd15", " ", "m0", 3.0, 1.0, 2, 0, api_name="/softpag")
+
+
+def _browser(p):
+    exe = shutil.which("chromium") or shutil.which("chromium-browser")
+    if exe is None:
+        pytest.skip("no chromium (apt-get install -y chromium)")
+    return p.chromium.launch(executable_path=exe, args=[
+        "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
+        "--disable-sync", "--no-first-run", "--disable-quic"])
+
+
+def _shot(page, name):
+    if os.environ.get("ATTNLAB_SCREENSHOTS") == "1":
+        page.screenshot(path=str(SHOTS / f"demo_{name}.png"), full_page=True)
+
+
+def _wait_value(page, selector, text, timeout=120_000):
+    """Wait until the input/textarea at `selector` contains `text`."""
+    from playwright.sync_api import expect
+
+    expect(page.locator(selector)).to_have_value(re.compile(re.escape(text)), timeout=timeout)
+
+
+@pytest.mark.browser
+def test_every_tab_in_a_real_browser(server):
+    pw = pytest.importorskip("playwright.sync_api")
+    with pw.sync_playwright() as p:
+        browser = _browser(p)
+        page = browser.new_page(viewport={"width": 1400, "height": 1000})
+        page.goto(server)
+        page.wait_for_selector("#sp-run")
+
+        # SoftPAG: the head picker is filled from the model; generate off/on, see progress and both images
+        from playwright.sync_api import expect
+
+        expect(page.locator("#sp-heads input")).not_to_have_value("", timeout=60_000)
+        page.fill("#sp-prompt textarea", "a green triangle")
+        page.click("#sp-run")
+        _wait_value(page, "#sp-info textarea", "extra forwards")
+        assert page.locator("#sp-off img").count() == 1 and page.locator("#sp-on img").count() == 1
+        _shot(page, "softpag")
+
+        # bad input shows a message, not a stack trace
+        page.fill("#sp-prompt textarea", " ")
+        page.click("#sp-run")
+        page.get_by_text("the prompt is empty").first.wait_for(timeout=60_000)
+
+        # RefAM: make a toy scene, segment it
+        page.get_by_role("tab", name="RefAM").click()
+        page.click("#ra-scene")
+        page.locator("#ra-image img").first.wait_for(timeout=60_000)
+        page.click("#ra-run")
+        _wait_value(page, "#ra-info textarea", "content words")
+        assert page.locator("#ra-overlay img").count() == 1 and page.locator("#ra-mask img").count() == 1
+        _shot(page, "refam")
+
+        # Attentive Eraser: load a scene into the mask editor, paint a stroke, erase
+        page.get_by_role("tab", name="Attentive Eraser").click()
+        page.click("#er-scene")
+        canvas = page.locator("#er-editor canvas").first
+        canvas.wait_for(timeout=60_000)
+        page.wait_for_timeout(1000)
+        box = canvas.bounding_box()
+        cx, cy = box["x"] + box["width"] / 2, box["y"] + box["height"] / 2
+        page.mouse.move(cx - 30, cy)
+        page.mouse.down()
+        for dx in range(-30, 31, 5):
+            page.mouse.move(cx + dx, cy + dx / 3)
+        page.mouse.up()
+        page.click("#er-run")
+        _wait_value(page, "#er-info textarea", "extra forwards")
+        assert page.locator("#er-after img").count() == 1
+        _shot(page, "eraser")
+
+        # Entropy scaling: resolution slider, off/on
+        page.get_by_role("tab", name="Entropy scaling").click()
+        page.click("#en-run")
+        _wait_value(page, "#en-info textarea", "λ per layer")
+        _shot(page, "entropy")
+        browser.close()
