@@ -749,6 +749,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     sub.add_parser("demo", help="the Gradio demo: one tab per method (attnlab demo --help for its options)",
                    add_help=False)
+    sub.add_parser("bench", help="every method off vs on on the toy world, scored by the scene parser "
+                                 "(attnlab bench --help)", add_help=False)
 
     p = sub.add_parser(
         "refam",
@@ -802,6 +804,10 @@ def main(argv=None) -> int:
         from .demo import main as demo_main
 
         return demo_main(argv[1:])
+    if argv[:1] == ["bench"]:  # the toy-world benchmark has its own options (attnlab bench --help)
+        from .toyworld.bench import main as bench_main
+
+        return bench_main(argv[1:])
     args = build_parser().parse_args(argv)
     try:
         report = args.func(args)

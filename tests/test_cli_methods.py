@@ -191,3 +191,15 @@ def test_refam_cli_eval_table(tmp_path, capsys):
     names = [r["variant"] for r in report["eval"]]
     assert names[0] == "default" and "no magnets" in names and all(0 <= r["mIoU"] <= 1 for r in report["eval"])
     assert (out / "eval.md").read_text().startswith("| variant |")
+
+
+def test_bench_runs_landed_methods_and_skips_the_rest(tmp_path, capsys):
+    out = tmp_path / "b"
+    assert _code(["bench", "--model", "tiny-sd15", "--n", "1", "--steps", "2", "--methods", "refam,eraser,freeswim",
+                  "--out", str(out)]) in (0,)
+    data = json.loads((out / "bench.json").read_text())
+    by = {(r["method"], r.get("metric")) for r in data["rows"]}
+    assert ("refam", "mIoU") in by and ("eraser", "PSNR in the mask vs the scene without the object (dB)") in by
+    text = capsys.readouterr().out
+    assert "| refam | mIoU |" in text
+    assert _code(["bench", "--methods", "nope"]) == 2

@@ -1,0 +1,283 @@
+"""One command that measures every available method on the toy world, off vs on, with the scene parser:
+
+    attnlab bench [--model toy-sd] [--n 20] [--steps 20] [--methods entropy,softpag,...]
+    python -m attnlab.toyworld.bench ...
+
+Prompts are captions of held-out scenes (seeds from 10 000 on); images are read back by `toyworld.parser`.
+Metrics (off → on):
+  entropy     object adherence (colour + shape present) and background style, at 0.5× and 2× the native size
+  softpag     object adherence and sharpness (variance of the Laplacian) at the native size
+  refam       mIoU / oIoU of the referring-expression masks; off = the plain cross-attention map (no stop-word
+              filtering, no magnets, no sink handling), on = RefAM
+  eraser      object-colour leakage (share of mask pixels nearest the removed object's colour) and PSNR inside
+              the mask against the scene rendered without the object; off = plain inpainting (s = 0)
+  alignedgen  background-style agreement with the batch's first image, and adherence; off = plain batch
+  freeswim    duplicated objects (parsed objects beyond the caption's) at 4× the area; off = direct sampling
+Methods whose modules are missing are skipped with a message. Numbers only mean something for a model that
+learned the toy world (the trained toy models); on the random tiny models they exercise the plumbing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import importlib
+import json
+import sys
+import time
+from typing import Callable, Optional
+
+import numpy as np
+import torch
+from PIL import Image
+
+from .parser import adherence, parse
+from .scenes import OBJECT_COLOURS, caption, ground_truth, render, sample_scene
+
+HELD_OUT = 10_000
+METHODS = ("entropy", "softpag", "refam", "eraser", "alignedgen", "freeswim")
+REQUIRES = {"entropy": "pipelines.entropy", "softpag": "pipelines.softpag", "refam": "pipelines.refam",
+            "eraser": "pipelines.eraser", "alignedgen": "pipelines.alignedgen", "freeswim": "pipelines.freeswim"}
+
+
+@dataclasses.dataclass
+class Bench:
+    pipe: object
+    model: str
+    family: str
+    native: tuple[int, int]
+    n: int
+    steps: int
+    seed: int
+    call_extras: dict
+    progress: Optional[Callable[[str], None]] = None
+
+    def scenes(self, n_objects=None):
+        return [sample_scene(HELD_OUT + self.seed + i, n_objects=n_objects) for i in range(self.n)]
+
+    def generate(self, prompt, height, width, seed, runner=None, **extra):
+        runner = runner or self.pipe
+        kw = dict(prompt=prompt, height=height, width=width, num_inference_steps=self.steps,
+                  generator=torch.Generator().manual_seed(seed), **self.call_extras, **extra)
+        if self.family == "wan":
+            kw["num_frames"] = 1
+        out = runner(**kw)
+        imgs = getattr(out, "images", None)
+        if imgs is None:
+            imgs = out.frames[0]
+        img = imgs[0]
+        if torch.is_tensor(img):
+            img = Image.fromarray((img.float().clamp(0, 1).permute(1, 2, 0).cpu().numpy() * 255).round().astype(np.uint8))
+        elif isinstance(img, np.ndarray):
+            img = Image.fromarray((np.clip(img, 0, 1) * 255).round().astype(np.uint8) if img.dtype != np.uint8 else img)
+        return img.convert("RGB")
+
+    def say(self, text):
+        if self.progress is not None:
+            self.progress(text)
+
+
+def _adherence(images, scenes) -> tuple[float, float]:
+    objs, style = [], []
+    for img, scene in zip(images, scenes):
+        a = adherence(parse(img), scene)
+        objs.append(a["object_rate"])
+        style.append(a["background_style"])
+    return float(np.mean(objs)), float(np.mean(style))
+
+
+def _row(method, metric, off, on, n, **extra):
+    return {"method": method, "metric": metric, "off": round(float(off), 4), "on": round(float(on), 4), "n": n,
+            **extra}
+
+
+# --- methods ---------------------------------------------------------------------------------------
+
+def bench_entropy(b: Bench) -> list[dict]:
+    from ..pipelines.entropy import entropy_scaling
+
+    rows = []
+    scenes = b.scenes()
+    for factor in (0.5, 2.0):
+        h, w = (max(16, round(s * factor / 16) * 16) for s in b.native)
+        off, on = [], []
+        for i, scene in enumerate(scenes):
+            off.append(b.generate(caption(scene), h, w, i))
+            with entropy_scaling(b.pipe):
+                on.append(b.generate(caption(scene), h, w, i))
+            b.say(f"entropy {factor}×: {i + 1}/{len(scenes)}")
+        a_off, s_off = _adherence(off, scenes)
+        a_on, s_on = _adherence(on, scenes)
+        rows += [_row("entropy", f"object adherence at {factor:g}× ({w}×{h})", a_off, a_on, len(scenes)),
+                 _row("entropy", f"background style at {factor:g}×", s_off, s_on, len(scenes))]
+    return rows
+
+
+def bench_softpag(b: Bench) -> list[dict]:
+    from ..cli import default_heads
+    from ..pipelines.headhunter import sharpness
+    from ..pipelines.softpag import SoftPAGPipeline
+
+    pag = SoftPAGPipeline.from_pipe(b.pipe, heads=default_heads(b.pipe), scale=3.0)
+    scenes = b.scenes()
+    off, on = [], []
+    for i, scene in enumerate(scenes):
+        off.append(b.generate(caption(scene), *b.native, i))
+        on.append(b.generate(caption(scene), *b.native, i, runner=pag))
+        b.say(f"softpag: {i + 1}/{len(scenes)}")
+    a_off, _ = _adherence(off, scenes)
+    a_on, _ = _adherence(on, scenes)
+    return [_row("softpag", "object adherence", a_off, a_on, len(scenes), heads=str(pag.effect.resolved_heads)),
+            _row("softpag", "sharpness", np.mean([sharpness(x) for x in off]), np.mean([sharpness(x) for x in on]),
+                 len(scenes))]
+
+
+def bench_refam(b: Bench) -> list[dict]:
+    from ..pipelines.refam import RefAMPipeline
+    from .refam_eval import evaluate
+
+    if b.family == "wan":
+        return []
+    seg = RefAMPipeline.from_pipe(b.pipe)
+    extras = {k: v for k, v in b.call_extras.items() if k == "max_sequence_length"}
+    variants = {"off": {"filter_stopwords": False, "magnets": (), "gas_mass": 1.0}, "on": {}}
+    rows = {r["variant"]: r for r in evaluate(seg, scenes=b.n, size=b.native[0], seed=HELD_OUT + b.seed,
+                                              variants=variants, **extras)}
+    n = rows["on"]["expressions"]
+    return [_row("refam", "mIoU", rows["off"]["mIoU"], rows["on"]["mIoU"], n),
+            _row("refam", "oIoU", rows["off"]["oIoU"], rows["on"]["oIoU"], n)]
+
+
+def _psnr(a: np.ndarray, b: np.ndarray) -> float:
+    mse = float(np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2))
+    return 99.0 if mse == 0 else 10 * np.log10(255.0 ** 2 / mse)
+
+
+def bench_eraser(b: Bench) -> list[dict]:
+    from ..pipelines.eraser import AttentiveEraserPipeline
+
+    if b.family != "unet":
+        return [{"method": "eraser", "skipped": f"the bench runs the eraser on SD1.5/SDXL models, not {b.family}"}]
+    size = b.native[0]
+    erasers = {"off": AttentiveEraserPipeline.from_pipe(b.pipe, sarg_scale=0.0),
+               "on": AttentiveEraserPipeline.from_pipe(b.pipe, sarg_scale=9.0)}
+    leak, psnr = {"off": [], "on": []}, {"off": [], "on": []}
+    scenes = b.scenes(n_objects=2)
+    for i, scene in enumerate(scenes):
+        target = 0
+        truth = ground_truth(scene, size)[target]["mask"]
+        mask = Image.fromarray((truth * 255).astype(np.uint8))
+        clean = np.asarray(render(dataclasses.replace(scene, objects=scene.objects[1:]), size))
+        colour = np.array(OBJECT_COLOURS[scene.objects[target].colour], np.float64)
+        palette = np.array(list(OBJECT_COLOURS.values()), np.float64)
+        for name, er in erasers.items():
+            out = er(render(scene, size), mask, prompt="", num_inference_steps=b.steps, strength=0.8,
+                     generator=torch.Generator().manual_seed(i)).images[0]
+            px = np.asarray(out.convert("RGB"), np.float64)[truth]
+            nearest = np.linalg.norm(px[:, None] - palette, axis=-1).argmin(-1)
+            leak[name].append(float(np.mean(np.all(palette[nearest] == colour, axis=-1))))
+            psnr[name].append(_psnr(np.asarray(out.convert("RGB"))[truth], clean[truth]))
+        b.say(f"eraser: {i + 1}/{len(scenes)}")
+    return [_row("eraser", "object-colour leakage in the mask (lower is better)", np.mean(leak["off"]),
+                 np.mean(leak["on"]), len(scenes)),
+            _row("eraser", "PSNR in the mask vs the scene without the object (dB)", np.mean(psnr["off"]),
+                 np.mean(psnr["on"]), len(scenes))]
+
+
+BENCHES: dict[str, Callable[[Bench], list[dict]]] = {
+    "entropy": bench_entropy, "softpag": bench_softpag, "refam": bench_refam, "eraser": bench_eraser}
+
+
+def available(method: str) -> Optional[str]:
+    """None if `method` can run, else why not."""
+    if method not in BENCHES:
+        return "no toy-world benchmark for it yet"
+    try:
+        importlib.import_module(f"attnlab.{REQUIRES[method]}")
+    except ImportError as err:
+        return f"not installed ({err})"
+    return None
+
+
+def run(model: str, methods=METHODS, n: int = 20, steps: int = 20, seed: int = 0, device: str = "cpu",
+        progress=None) -> list[dict]:
+    from ..cli import _tiny_extras, load_pipeline
+    from ..processors.host_diffusers import denoisers_of, geometry_of
+
+    pipe = load_pipeline(model, device)
+    geometry = geometry_of(denoisers_of(pipe)[0], pipe)
+    b = Bench(pipe, model, geometry.family, (geometry.native_size[1], geometry.native_size[2]), int(n), int(steps),
+              int(seed), _tiny_extras(model), progress)
+    rows = []
+    for method in methods:
+        why = available(method)
+        if why is not None:
+            rows.append({"method": method, "skipped": why})
+            continue
+        t0 = time.perf_counter()
+        with torch.no_grad():
+            got = BENCHES[method](b)
+        for r in got:
+            r.setdefault("seconds", round(time.perf_counter() - t0, 1))
+        rows += got
+    return rows
+
+
+def markdown(rows: list[dict]) -> str:
+    lines = ["| method | metric | off | on | n |", "|---|---|---:|---:|---:|"]
+    for r in rows:
+        if "skipped" in r:
+            lines.append(f"| {r['method']} | skipped: {r['skipped']} | | | |")
+        else:
+            lines.append(f"| {r['method']} | {r['metric']} | {r['off']:.3f} | {r['on']:.3f} | {r['n']} |")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="attnlab bench", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default=None, help="a toy/tiny model name or a local diffusers folder (default: the "
+                                                   "trained toy SD model when installed, else tiny-sd15)")
+    ap.add_argument("--methods", default=",".join(METHODS), help="comma-separated (default: all)")
+    ap.add_argument("--n", type=int, default=20, help="held-out scenes per method (default: %(default)s)")
+    ap.add_argument("--steps", type=int, default=20, help="sampling steps (default: %(default)s)")
+    ap.add_argument("--seed", type=int, default=0, help="offset into the held-out scene seeds (default: %(default)s)")
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--out", default=None, help="also write the rows as JSON and the table as Markdown here")
+    args = ap.parse_args(argv)
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    unknown = [m for m in methods if m not in METHODS]
+    if unknown or args.n < 1 or args.steps < 1:
+        print(f"attnlab bench: methods must be among {', '.join(METHODS)}; --n and --steps >= 1", file=sys.stderr)
+        return 2
+    model = args.model or _default_model()
+    rows = run(model, methods, args.n, args.steps, args.seed, args.device,
+               progress=lambda t: print(f"\r  {t:60s}", end="", file=sys.stderr, flush=True))
+    print(file=sys.stderr)
+    table = markdown(rows)
+    print(f"model: {model}\n{table}")
+    if args.out:
+        from pathlib import Path
+
+        out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "bench.json").write_text(json.dumps({"model": model, "n": args.n, "steps": args.steps, "rows": rows},
+                                                   indent=2))
+        (out / "bench.md").write_text(table + "\n")
+    return 0
+
+
+def _default_model() -> str:
+    try:
+        from .models import available_toy_models
+
+        names = available_toy_models()
+        if names:
+            return f"toy-{names[0]}"
+    except ImportError:
+        pass
+    return "tiny-sd15"
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
