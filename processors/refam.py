@@ -68,35 +68,32 @@ def text_maps(q_img: torch.Tensor, k_txt: torch.Tensor, scale: float, mode: str 
 
     q_img [B,H,Ni,D], k_txt [B,H,Nt,D]. `k_all` (all keys) for img2txt_joint; `q_txt`, `k_img`, `k_all` for
     txt2img_joint. `bias` [B, Nt] is added to the text logits (sink suppression) in the text-softmax mode."""
-    heads = k_all.shape[1] if k_all is not None else q_img.shape[1]
     if mode == "img2txt_textsoftmax":
         kt = k_txt.float().transpose(-1, -2)
         out = []
-        for s, e in _chunks(q_img.shape[2], heads * k_txt.shape[2]):
+        for s, e in _chunks(q_img.shape[2], q_img.shape[1] * k_txt.shape[2]):
             logits = (q_img[:, :, s:e].float() @ kt) * scale
             if bias is not None:
                 logits = logits + bias[:, None, None, :]
             out.append(logits.softmax(dim=-1).mean(dim=1))
         return torch.cat(out, dim=1)
     if mode == "img2txt_joint":
-        ka = k_all.float().transpose(-1, -2)
-        kt = k_txt.float().transpose(-1, -2)
-        out = []
-        for s, e in _chunks(q_img.shape[2], heads * k_all.shape[2]):
-            qc = q_img[:, :, s:e].float()
-            lse = ((qc @ ka) * scale).logsumexp(dim=-1, keepdim=True)
-            out.append(((qc @ kt) * scale - lse).exp().mean(dim=1))
-        return torch.cat(out, dim=1)
+        return _joint_slice(q_img, k_all, k_txt, scale)
     if mode == "txt2img_joint":
-        ka = k_all.float().transpose(-1, -2)
-        ki = k_img.float().transpose(-1, -2)
-        out = []
-        for s, e in _chunks(q_txt.shape[2], heads * k_all.shape[2]):
-            qc = q_txt[:, :, s:e].float()
-            lse = ((qc @ ka) * scale).logsumexp(dim=-1, keepdim=True)
-            out.append(((qc @ ki) * scale - lse).exp().mean(dim=1))
-        return torch.cat(out, dim=1).transpose(1, 2)
+        return _joint_slice(q_txt, k_all, k_img, scale).transpose(1, 2)
     raise ValueError(f"map_mode must be one of {MAP_MODES}; got {mode!r}")
+
+
+def _joint_slice(q: torch.Tensor, k_all: torch.Tensor, k_sub: torch.Tensor, scale: float) -> torch.Tensor:
+    """Head-mean exp(s·q·k_sub − LSE over all keys) [B, N_q, N_sub]: a slice of the joint softmax, chunked."""
+    ka = k_all.float().transpose(-1, -2)
+    ks = k_sub.float().transpose(-1, -2)
+    out = []
+    for s, e in _chunks(q.shape[2], k_all.shape[1] * k_all.shape[2]):
+        qc = q[:, :, s:e].float()
+        lse = ((qc @ ka) * scale).logsumexp(dim=-1, keepdim=True)
+        out.append(((qc @ ks) * scale - lse).exp().mean(dim=1))
+    return torch.cat(out, dim=1)
 
 
 class TextMaps(Effect):
