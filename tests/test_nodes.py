@@ -58,6 +58,7 @@ def _stub_comfy_api(monkeypatch):
         ComfyNode=type("ComfyNode", (), {}),
         Schema=lambda **kw: kw,
         NodeOutput=lambda *a: a,
+        Custom=lambda io_type: Rec(f"Custom:{io_type}"),
         **{k: Rec(k) for k in ("Float", "Int", "Boolean", "Combo", "String", "Model", "Latent", "Conditioning",
                                "Image", "Mask", "Clip", "Vae")},
     )
@@ -180,3 +181,14 @@ def test_bad_attentive_eraser_values_are_rejected_before_patching(values, match)
     inputs.update(values)
     with pytest.raises(ValueError, match=match):
         ATTENTIVE_ERASER.execute(**inputs)
+
+
+def test_v3_refam_node_declares_its_optional_sam2_socket(monkeypatch):
+    import importlib
+
+    _stub_comfy_api(monkeypatch)
+    v3 = importlib.import_module("attnlab.nodes.v3")
+    schema = next(n for n in v3.NODES if n.__name__ == "AttnlabRefAM").define_schema()
+    sam = next(i for i in schema["inputs"] if i[2] == "sam2_model")
+    assert sam[1] == "Custom:SAM2MODEL" and sam[3]["optional"] is True
+    assert [o[1] for o in schema["outputs"]] == ["Mask", "Mask", "Image"]
