@@ -5,9 +5,10 @@ Only `nodes/v3.py` imports ComfyUI (`comfy_api`), and only when ComfyUI loads th
 
 from .entropy import ENTROPY_SCALING
 from .eraser import ATTENTIVE_ERASER
+from .freeswim import FREESWIM
 from .refam import REFAM
 from .softpag import SOFTPAG
 
-NODE_SPECS = (ENTROPY_SCALING, SOFTPAG, ATTENTIVE_ERASER, REFAM)
+NODE_SPECS = (ENTROPY_SCALING, SOFTPAG, ATTENTIVE_ERASER, REFAM, FREESWIM)
 
 __all__ = ["NODE_SPECS"]

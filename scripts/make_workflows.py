@@ -182,6 +182,46 @@ WORKFLOWS = {"entropy_scaling_sd15.json": sd15_entropy, "entropy_scaling_flux.js
              "softpag_sdxl.json": sdxl_softpag, "softpag_flux.json": flux_softpag,
              "attentive_eraser_sd15.json": sd15_eraser, "attentive_eraser_sdxl.json": sdxl_eraser}
 
+FREESWIM_NOTE = (
+    "FreeSwim two-stage high-resolution video (arXiv 2511.14712) on Wan 2.1 T2V 1.3B: stage 1 samples 81 frames "
+    "at the native 832×480 with the stock model; the frames are decoded, upscaled bilinearly to 1920×1088 "
+    "(multiples of 16) and encoded again; stage 2 resamples them with denoise 0.7 and shift 9 (ModelSamplingSD3) "
+    "on the FreeSwim model: every image token's self-attention sees a 31×53-token window (the native grid, shifted "
+    "inward at the borders, all frames), and a full-attention branch run alongside supplies the text "
+    "cross-attention. cache_steps 2-5 recomputes that branch only every k steps (faster); 1 = every step. Bypass "
+    "the FreeSwim node to compare with plain SDEdit upscaling.")
+
+
+def wan_freeswim():
+    g = Graph()
+    unet = g.node("UNETLoader", ["wan2.1_t2v_1.3B_fp16.safetensors", "default"], (0, 0))
+    clip = g.node("CLIPLoader", ["umt5_xxl_fp8_e4m3fn_scaled.safetensors", "wan", "default"], (0, 160))
+    vae = g.node("VAELoader", ["wan_2.1_vae.safetensors"], (0, 340))
+    pos = g.node("CLIPTextEncode", ["a corgi surfing a wave at sunset, cinematic"], (380, 260), "Positive")
+    neg = g.node("CLIPTextEncode", ["blurry, lowres, watermark, repeating patterns, duplicated subjects"],
+                 (380, 480), "Negative")
+    lat = g.node("EmptyHunyuanLatentVideo", [832, 480, 81, 1], (380, 700))
+    ks1 = g.node("KSampler", [42, "fixed", 30, 5.0, "uni_pc", "simple", 1.0], (760, 0), "Stage 1 (native size)")
+    dec1 = g.node("VAEDecode", [], (1120, 0))
+    up = g.node("ImageScale", ["bilinear", 1920, 1088, "disabled"], (1340, 0), "Upscale to the target")
+    enc = g.node("VAEEncode", [], (1700, 0))
+    swim = g.node("AttnlabFreeSwim", [1.0, 0, 0, 1, True, 1.0, "auto", "text_stream"], (760, 420))
+    shift = g.node("ModelSamplingSD3", [9.0], (1120, 420))
+    ks2 = g.node("KSampler", [42, "fixed", 50, 5.0, "uni_pc", "simple", 0.7], (1700, 300), "Stage 2 (FreeSwim)")
+    dec2 = g.node("VAEDecode", [], (2060, 300))
+    out = g.node("SaveAnimatedWEBP", ["attnlab_freeswim_wan", 15.0, False, 90, "default"], (2280, 300))
+    g.link(clip, 0, pos, "clip"); g.link(clip, 0, neg, "clip")
+    g.link(unet, 0, ks1, "model"); g.link(pos, 0, ks1, "positive"); g.link(neg, 0, ks1, "negative")
+    g.link(lat, 0, ks1, "latent_image"); g.link(ks1, 0, dec1, "samples"); g.link(vae, 0, dec1, "vae")
+    g.link(dec1, 0, up, "image"); g.link(up, 0, enc, "pixels"); g.link(vae, 0, enc, "vae")
+    g.link(unet, 0, swim, "model"); g.link(swim, 0, shift, "model"); g.link(shift, 0, ks2, "model")
+    g.link(pos, 0, ks2, "positive"); g.link(neg, 0, ks2, "negative"); g.link(enc, 0, ks2, "latent_image")
+    g.link(ks2, 0, dec2, "samples"); g.link(vae, 0, dec2, "vae"); g.link(dec2, 0, out, "images")
+    return g.dump(FREESWIM_NOTE)
+
+
+WORKFLOWS["freeswim_wan.json"] = wan_freeswim
+
 REFAM_NOTE = (
     "Zero-shot referring segmentation with RefAM (arXiv 2509.22650) on FLUX.1-dev: load an image, type what to "
     "segment. The node appends stop-word 'attention magnets' to the expression, encodes it with the CLIP input, "

@@ -78,7 +78,11 @@ class CallContext:
         cond_or_uncond = list(transformer_options.get("cond_or_uncond") or [0])
         chunk = max(1, x.shape[0] // len(cond_or_uncond))
         forced = transformer_options.get(ROLE_KEY)
-        self.roles = tuple(forced if forced else ("uncond" if c == 1 else "cond") for c in cond_or_uncond for _ in range(chunk))
+        if isinstance(forced, tuple) and len(forced) == x.shape[0]:
+            self.roles = forced  # one role per row (FreeSwim's dual-path forwards: window rows + "full" twins)
+        else:
+            self.roles = tuple(forced if forced else ("uncond" if c == 1 else "cond") for c in cond_or_uncond
+                               for _ in range(chunk))
         self.step = step_info(sigma, transformer_options.get("sample_sigmas"))
         self.text_len = 0 if c_crossattn is None else int(c_crossattn.shape[1]) + plan.register_length
         self.latent = tuple(int(s) for s in x.shape[2:])
