@@ -3,12 +3,13 @@
 Only `nodes/v3.py` imports ComfyUI (`comfy_api`), and only when ComfyUI loads the pack.
 """
 
+from .alignedgen import ALIGNEDGEN_BATCH, ALIGNEDGEN_REFERENCE
 from .entropy import ENTROPY_SCALING
 from .eraser import ATTENTIVE_ERASER
 from .freeswim import FREESWIM
 from .refam import REFAM
 from .softpag import SOFTPAG
 
-NODE_SPECS = (ENTROPY_SCALING, SOFTPAG, ATTENTIVE_ERASER, REFAM, FREESWIM)
+NODE_SPECS = (ENTROPY_SCALING, SOFTPAG, ATTENTIVE_ERASER, REFAM, FREESWIM, ALIGNEDGEN_BATCH, ALIGNEDGEN_REFERENCE)
 
 __all__ = ["NODE_SPECS"]

@@ -178,9 +178,90 @@ def flux_softpag():
         "the guidance adds w·(cond − perturbed) to the conditional prediction, one extra pass per step.")
 
 
+ALIGN_WIDGETS = ["qk", 0.0, "fix", "width", "", 0, -1, True]  # AttnlabAlignedGen defaults
+
+
+def aligned_graph(flux: bool, style: bool, prompt: str, save: str, note: str):
+    """A batch of 4 with AlignedGen Batch Align (and, with `style`, a LoadImage style reference as row 0)."""
+    g = Graph()
+    if flux:
+        model = g.node("UNETLoader", ["flux1-dev.safetensors", "default"], (0, 0))
+        clip = g.node("DualCLIPLoader", ["clip_l.safetensors", "t5xxl_fp16.safetensors", "flux", "default"], (0, 160))
+        vae = g.node("VAELoader", ["ae.safetensors"], (0, 360))
+        model_slot, clip_slot, vae_slot, clip_node, vae_node = 0, 0, 0, clip, vae
+        lat = g.node("EmptySD3LatentImage", [1024, 1024, 4], (380, 600))
+    else:
+        model = g.node("CheckpointLoaderSimple", ["sd_xl_base_1.0.safetensors"], (0, 120))
+        model_slot, clip_slot, vae_slot, clip_node, vae_node = 0, 1, 2, model, model
+        lat = g.node("EmptyLatentImage", [1024, 1024, 4], (380, 600))
+    align = g.node("AttnlabAlignedGen", ALIGN_WIDGETS, (380, 0))
+    pos = g.node("CLIPTextEncode", [prompt], (380, 360), "Prompt")
+    if flux:
+        guide = g.node("FluxGuidance", [3.5], (760, 360))
+        neg = g.node("ConditioningZeroOut", [], (760, 500))
+        ks = g.node("KSampler", [42, "fixed", 30, 1.0, "euler", "simple", 1.0], (1140, 120))
+    else:
+        neg = g.node("CLIPTextEncode", [NEGATIVE], (380, 460), "Negative")
+        ks = g.node("KSampler", [42, "fixed", 50, 5.0, "ddim", "ddim_uniform", 1.0], (1140, 120))
+    dec = g.node("VAEDecode", [], (1500, 120))
+    out = g.node("SaveImage", [save], (1720, 120))
+    g.link(model, model_slot, align, "model"); g.link(clip_node, clip_slot, pos, "clip")
+    if flux:
+        g.link(pos, 0, guide, "conditioning"); g.link(pos, 0, neg, "conditioning"); g.link(guide, 0, ks, "positive")
+    else:
+        g.link(clip_node, clip_slot, neg, "clip"); g.link(pos, 0, ks, "positive")
+    g.link(neg, 0, ks, "negative")
+    if style:
+        image = g.node("LoadImage", ["example.png", "image"], (0, 700), "Style image (load your own)")
+        ref = g.node("AttnlabAlignedGenReference", [0], (760, 0))
+        g.link(align, 0, ref, "model"); g.link(vae_node, vae_slot, ref, "vae"); g.link(image, 0, ref, "image")
+        g.link(lat, 0, ref, "latent"); g.link(ref, 0, ks, "model"); g.link(ref, 1, ks, "latent_image")
+    else:
+        g.link(align, 0, ks, "model"); g.link(lat, 0, ks, "latent_image")
+    g.link(ks, 0, dec, "samples"); g.link(vae_node, vae_slot, dec, "vae"); g.link(dec, 0, out, "images")
+    return g.dump(note)
+
+
+ALIGN_NOTE = (
+    "Style-aligned batch ({method}): a batch of 4 from one prompt; the first image is the style reference and "
+    "the other three attend to its image keys/values in {where} (AdaIN on queries/keys{shift}, key scale λ "
+    "{lam}). The reference is exactly what the first latent gives alone. Set enabled to false to compare with "
+    "the plain batch; raise scale for more consistency, lower it for more prompt fidelity.")
+STYLE_NOTE = (
+    " With a style image: AlignedGen Style Reference encodes the loaded image and runs it in lock-step as the "
+    "first row (its latent noised to each step's sigma), so the saved batch has 5 images, the first being the "
+    "reference.")
+
+
+def flux_alignedgen():
+    return aligned_graph(True, False, "a cat, a dog, a fox and an owl, flat vector illustration, pastel colors",
+                         "attnlab_alignedgen_flux", ALIGN_NOTE.format(
+                             method="AlignedGen on FLUX.1-dev", where="the single-stream blocks 19-56",
+                             shift=", ShiftPE: the reference placed one image to the right", lam="1.1"))
+
+
+def sdxl_alignedgen():
+    return aligned_graph(False, False, "a toy robot, macro photo, 3d game asset", "attnlab_alignedgen_sdxl",
+                         ALIGN_NOTE.format(method="StyleAligned on SDXL", where="every self-attention layer",
+                                           shift="", lam="1.0"))
+
+
+def flux_alignedgen_style():
+    return aligned_graph(True, True, "a lighthouse on a cliff", "attnlab_alignedgen_style_flux", ALIGN_NOTE.format(
+        method="AlignedGen on FLUX.1-dev", where="the single-stream blocks 19-56",
+        shift=", ShiftPE", lam="1.1") + STYLE_NOTE)
+
+
+def sdxl_alignedgen_style():
+    return aligned_graph(False, True, "a lighthouse on a cliff", "attnlab_alignedgen_style_sdxl", ALIGN_NOTE.format(
+        method="StyleAligned on SDXL", where="every self-attention layer", shift="", lam="1.0") + STYLE_NOTE)
+
+
 WORKFLOWS = {"entropy_scaling_sd15.json": sd15_entropy, "entropy_scaling_flux.json": flux_entropy,
              "softpag_sdxl.json": sdxl_softpag, "softpag_flux.json": flux_softpag,
-             "attentive_eraser_sd15.json": sd15_eraser, "attentive_eraser_sdxl.json": sdxl_eraser}
+             "attentive_eraser_sd15.json": sd15_eraser, "attentive_eraser_sdxl.json": sdxl_eraser,
+             "alignedgen_flux.json": flux_alignedgen, "alignedgen_sdxl.json": sdxl_alignedgen,
+             "alignedgen_style_flux.json": flux_alignedgen_style, "alignedgen_style_sdxl.json": sdxl_alignedgen_style}
 
 FREESWIM_NOTE = (
     "FreeSwim two-stage high-resolution video (arXiv 2511.14712) on Wan 2.1 T2V 1.3B: stage 1 samples 81 frames "
@@ -255,7 +336,6 @@ def flux_refam():
 
 
 WORKFLOWS["refam_flux.json"] = flux_refam
-
 
 if __name__ == "__main__":
     out = ROOT / "workflows"
