@@ -34,6 +34,25 @@ def _progress(progress):
     return lambda frac, desc: progress(frac, desc=desc)
 
 
+def _steps_seed(steps: int = 4):
+    import gradio as gr
+
+    with gr.Row():
+        return gr.Slider(1, 50, steps, step=1, label="Steps"), gr.Number(0, precision=0, label="Seed")
+
+
+def _results(prefix: str, labels, kind: str = "image"):
+    """Output components side by side (images or galleries) and a details box, with elem_ids prefix-<n>."""
+    import gradio as gr
+
+    with gr.Row():
+        if kind == "gallery":
+            outs = [gr.Gallery(label=text, columns=3, elem_id=f"{prefix}-{i}") for i, text in enumerate(labels)]
+        else:
+            outs = [gr.Image(label=text, elem_id=f"{prefix}-{i}") for i, text in enumerate(labels)]
+    return outs + [gr.Textbox(label="Details", elem_id=f"{prefix}-info")]
+
+
 def build_app(store: runs.ModelStore | None = None):
     import gradio as gr
 
@@ -54,15 +73,10 @@ def build_app(store: runs.ModelStore | None = None):
                     with gr.Row():
                         sp_scale = gr.Slider(0, 10, 3.0, step=0.5, label="Scale w")
                         sp_u = gr.Slider(0, 1, 1.0, step=0.05, label="u (interpolation to identity)")
-                    with gr.Row():
-                        sp_steps = gr.Slider(1, 50, 4, step=1, label="Steps")
-                        sp_seed = gr.Number(0, precision=0, label="Seed")
+                    sp_steps, sp_seed = _steps_seed()
                     sp_run = gr.Button("Generate off / on", variant="primary", elem_id="sp-run")
                 with gr.Column():
-                    with gr.Row():
-                        sp_off = gr.Image(label="off (stock)", elem_id="sp-off")
-                        sp_on = gr.Image(label="SoftPAG", elem_id="sp-on")
-                    sp_info = gr.Textbox(label="Details", elem_id="sp-info")
+                    sp_out = _results("sp", ["off (stock)", "SoftPAG"])
 
         with gr.Tab("RefAM", elem_id="tab-refam"):
             with gr.Row():
@@ -77,11 +91,7 @@ def build_app(store: runs.ModelStore | None = None):
                         ra_gas = gr.Radio(["drop", "suppress", "redirect"], value="drop", label="Attention sinks")
                     ra_run = gr.Button("Segment", variant="primary", elem_id="ra-run")
                 with gr.Column():
-                    with gr.Row():
-                        ra_overlay = gr.Image(label="Heatmap overlay", elem_id="ra-overlay")
-                        ra_mask = gr.Image(label="Mask", elem_id="ra-mask")
-                    ra_heat = gr.Image(label="Heatmap", elem_id="ra-heat")
-                    ra_info = gr.Textbox(label="Details", elem_id="ra-info")
+                    ra_out = _results("ra", ["Heatmap overlay", "Mask", "Heatmap"])
 
         with gr.Tab("Attentive Eraser", elem_id="tab-eraser"):
             with gr.Row():
@@ -90,17 +100,11 @@ def build_app(store: runs.ModelStore | None = None):
                     with gr.Row():
                         er_seed_scene = gr.Number(1, precision=0, label="Scene seed")
                         er_scene = gr.Button("Load a toy scene", elem_id="er-scene")
-                    with gr.Row():
-                        er_scale = gr.Slider(0, 15, 9.0, step=0.5, label="SARG scale")
-                        er_steps = gr.Slider(1, 50, 10, step=1, label="Steps")
-                        er_seed = gr.Number(0, precision=0, label="Seed")
+                    er_scale = gr.Slider(0, 15, 9.0, step=0.5, label="SARG scale")
+                    er_steps, er_seed = _steps_seed(10)
                     er_run = gr.Button("Erase", variant="primary", elem_id="er-run")
                 with gr.Column():
-                    with gr.Row():
-                        er_input = gr.Image(label="input", elem_id="er-input")
-                        er_before = gr.Image(label="plain inpainting (s = 0)", elem_id="er-before")
-                        er_after = gr.Image(label="Attentive Eraser", elem_id="er-after")
-                    er_info = gr.Textbox(label="Details", elem_id="er-info")
+                    er_out = _results("er", ["input", "plain inpainting (s = 0)", "Attentive Eraser"])
 
         with gr.Tab("Entropy scaling", elem_id="tab-entropy"):
             with gr.Row():
@@ -108,15 +112,31 @@ def build_app(store: runs.ModelStore | None = None):
                     en_prompt = gr.Textbox("a small green star on a striped background", label="Prompt",
                                            elem_id="en-prompt")
                     en_res = gr.Slider(0.5, 3.0, 2.0, step=0.25, label="Resolution (× native size)", elem_id="en-res")
-                    with gr.Row():
-                        en_steps = gr.Slider(1, 50, 4, step=1, label="Steps")
-                        en_seed = gr.Number(0, precision=0, label="Seed")
+                    en_steps, en_seed = _steps_seed()
                     en_run = gr.Button("Generate off / on", variant="primary", elem_id="en-run")
                 with gr.Column():
-                    with gr.Row():
-                        en_off = gr.Image(label="stock", elem_id="en-off")
-                        en_on = gr.Image(label="entropy scaling", elem_id="en-on")
-                    en_info = gr.Textbox(label="Details", elem_id="en-info")
+                    en_out = _results("en", ["stock", "entropy scaling"])
+
+        with gr.Tab("AlignedGen", elem_id="tab-alignedgen"):
+            with gr.Row():
+                with gr.Column():
+                    ag_prompts = gr.Textbox("a red circle on a dotted background\na blue star\na green triangle",
+                                            lines=4, label="Prompts, one per line (the first is the style reference)",
+                                            elem_id="ag-prompts")
+                    ag_steps, ag_seed = _steps_seed()
+                    ag_run = gr.Button("Generate plain / aligned", variant="primary", elem_id="ag-run")
+                with gr.Column():
+                    ag_out = _results("ag", ["plain batch", "style-aligned batch"], kind="gallery")
+
+        with gr.Tab("FreeSwim", elem_id="tab-freeswim"):
+            with gr.Row():
+                with gr.Column():
+                    fs_prompt = gr.Textbox("a small red circle left of a blue square", label="Prompt", elem_id="fs-prompt")
+                    fs_scale = gr.Slider(1.25, 4.0, 2.0, step=0.25, label="Target size (× native side)", elem_id="fs-scale")
+                    fs_steps, fs_seed = _steps_seed()
+                    fs_run = gr.Button("Generate direct / FreeSwim", variant="primary", elem_id="fs-run")
+                with gr.Column():
+                    fs_out = _results("fs", ["direct sampling", "FreeSwim (two stages)"])
 
         # --- events --------------------------------------------------------------------------------
         @_ui_errors
@@ -149,18 +169,25 @@ def build_app(store: runs.ModelStore | None = None):
         def entropy(name, prompt, res, steps, seed, progress=gr.Progress()):
             return runs.run_entropy(store, name, prompt, res, steps, seed, progress=_progress(progress))
 
+        @_ui_errors
+        def alignedgen(name, prompts, steps, seed, progress=gr.Progress()):
+            return runs.run_alignedgen(store, name, prompts, steps, seed, _progress(progress))
+
+        @_ui_errors
+        def freeswim(name, prompt, scale, steps, seed, progress=gr.Progress()):
+            return runs.run_freeswim(store, name, prompt, scale, steps, seed, _progress(progress))
+
         model.change(heads_for, model, sp_heads, api_name="heads")
         app.load(heads_for, model, sp_heads)
         sp_run.click(softpag, [model, sp_prompt, sp_heads, sp_scale, sp_u, sp_steps, sp_seed],
-                     [sp_off, sp_on, sp_info], api_name="softpag")
+                     sp_out, api_name="softpag")
         ra_scene.click(scene, ra_seed, [ra_image, ra_expr], api_name="toy_scene")
-        ra_run.click(refam, [model, ra_image, ra_expr, ra_noise, ra_gas], [ra_overlay, ra_mask, ra_heat, ra_info],
-                     api_name="refam")
+        ra_run.click(refam, [model, ra_image, ra_expr, ra_noise, ra_gas], ra_out, api_name="refam")
         er_scene.click(eraser_scene, er_seed_scene, er_editor, api_name="eraser_scene")
-        er_run.click(eraser, [model, er_editor, er_scale, er_steps, er_seed], [er_input, er_before, er_after, er_info],
-                     api_name="eraser")
-        en_run.click(entropy, [model, en_prompt, en_res, en_steps, en_seed], [en_off, en_on, en_info],
-                     api_name="entropy")
+        er_run.click(eraser, [model, er_editor, er_scale, er_steps, er_seed], er_out, api_name="eraser")
+        en_run.click(entropy, [model, en_prompt, en_res, en_steps, en_seed], en_out, api_name="entropy")
+        ag_run.click(alignedgen, [model, ag_prompts, ag_steps, ag_seed], ag_out, api_name="alignedgen")
+        fs_run.click(freeswim, [model, fs_prompt, fs_scale, fs_steps, fs_seed], fs_out, api_name="freeswim")
     return app
 
 

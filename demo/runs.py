@@ -258,3 +258,70 @@ def run_eraser(store: ModelStore, model: str, editor, scale: float, steps: int, 
         t = time.perf_counter() - t0
     info = f"SARG scale {scale:g}, {steps} steps, {eraser.extra_passes} extra forwards; {t:.2f} s for both runs"
     return image, before, after, info
+
+
+# --- AlignedGen ------------------------------------------------------------------------------------
+
+def _prompt_list(text: str) -> list[str]:
+    prompts = [line.strip() for line in (text or "").splitlines() if line.strip()]
+    if len(prompts) < 2:
+        raise ValueError("give at least 2 prompts, one per line (the first image is the style reference)")
+    if len(prompts) > 6:
+        raise ValueError(f"the demo aligns up to 6 prompts; got {len(prompts)}")
+    return prompts
+
+
+def run_alignedgen(store: ModelStore, model: str, prompts: str, steps: int, seed: int,
+                   progress: Optional[Progress] = None):
+    """The same batch plain and style-aligned (shared attention to the first image)."""
+    from ..pipelines.alignedgen import AlignedGenPipeline
+
+    steps = _check_steps(steps)
+    items = _prompt_list(prompts)
+    loaded = store.get(model)
+    aligned = AlignedGenPipeline.from_pipe(loaded.pipe)
+    call = _call(model, loaded, items[0], *loaded.native, steps, 5.0 if loaded.family != "flux" else 3.5)
+    call["prompt"] = items
+    with loaded.lock, torch.no_grad():
+        t0 = time.perf_counter()
+        plain = _frames(loaded.pipe(**call, generator=_gen(seed),
+                                    **_steps_callback(progress, steps, 0.0, 0.5, "plain batch", loaded.pipe)))
+        t1 = time.perf_counter()
+        shared = _frames(aligned(**call, generator=_gen(seed),
+                                 **_steps_callback(progress, steps, 0.5, 0.5, "aligned batch", loaded.pipe)))
+        t2 = time.perf_counter()
+    info = f"{len(items)} prompts; plain batch {t1 - t0:.2f} s, aligned batch {t2 - t1:.2f} s ({(t2 - t1) / max(t1 - t0, 1e-9):.2f}×)"
+    return ([(img, p) for img, p in zip(plain, items)], [(img, p) for img, p in zip(shared, items)], info)
+
+
+# --- FreeSwim --------------------------------------------------------------------------------------
+
+def run_freeswim(store: ModelStore, model: str, prompt: str, scale: float, steps: int, seed: int,
+                 progress: Optional[Progress] = None):
+    """Direct sampling at the target size vs FreeSwim's two stages (native size, then windowed re-denoising)."""
+    from ..pipelines.freeswim import FreeSwimPipeline
+
+    steps = _check_steps(steps)
+    if not 1.0 < float(scale) <= 4.0:
+        raise ValueError(f"target size must be more than 1× and at most 4× the native size; got {scale}")
+    loaded = store.get(model)
+    if loaded.family not in ("flux", "wan"):
+        raise ValueError(f"the FreeSwim tab runs on FLUX or Wan models; {model} is a {loaded.family} model")
+    swim = FreeSwimPipeline.from_pipe(loaded.pipe)
+    mult = swim.multiple
+    h, w = (max(mult, round(s * float(scale) / mult) * mult) for s in loaded.native)
+    call = _call(model, loaded, prompt, h, w, steps, 5.0 if loaded.family != "flux" else 3.5)
+    with loaded.lock, torch.no_grad():
+        t0 = time.perf_counter()
+        direct = _mid(_frames(loaded.pipe(**call, generator=_gen(seed),
+                                          **_steps_callback(progress, steps, 0.0, 0.5, "direct", loaded.pipe))))
+        t1 = time.perf_counter()
+        kw = {k: v for k, v in call.items() if k not in ("height", "width", "num_inference_steps")}
+        out = swim(height=h, width=w, num_inference_steps=steps, generator=_gen(seed), **kw)
+        swum = _mid(_frames(out))
+        t2 = time.perf_counter()
+        if progress is not None:
+            progress(1.0, "FreeSwim done")
+    info = (f"{w}×{h} ({float(scale):g}× native {loaded.native[1]}×{loaded.native[0]}); direct {t1 - t0:.2f} s, "
+            f"FreeSwim (both stages) {t2 - t1:.2f} s")
+    return direct, swum, info

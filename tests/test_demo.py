@@ -41,6 +41,21 @@ def test_runs_validate_input_before_work():
         store.get("tiny-nope")
 
 
+def test_alignedgen_and_freeswim_tabs():
+    store = runs.ModelStore()
+    plain, aligned, info = runs.run_alignedgen(store, "tiny-sd15", "a red circle\na blue square\na star", 2, 0)
+    assert len(plain) == len(aligned) == 3 and aligned[1][1] == "a blue square"
+    assert np.asarray(plain[1][0]).tolist() != np.asarray(aligned[1][0]).tolist()  # targets change, reference may not
+    with pytest.raises(ValueError, match="at least 2 prompts"):
+        runs.run_alignedgen(store, "tiny-sd15", "one prompt", 2, 0)
+    direct, swum, info = runs.run_freeswim(store, "tiny-flux", "a red circle", 2.0, 2, 0)
+    assert direct.size == swum.size == (128, 128) and "FreeSwim" in info
+    with pytest.raises(ValueError, match="FLUX or Wan"):
+        runs.run_freeswim(store, "tiny-sd15", "a red circle", 2.0, 2, 0)
+    with pytest.raises(ValueError, match="target size"):
+        runs.run_freeswim(store, "tiny-flux", "a red circle", 1.0, 2, 0)
+
+
 def test_runs_produce_images_and_one_lock_per_model():
     store = runs.ModelStore()
     seen = []
@@ -60,6 +75,29 @@ def test_runs_produce_images_and_one_lock_per_model():
     assert store.get("tiny-sd15") is store.get("tiny-sd15")
     with pytest.raises(ValueError, match="SD1.5/SDXL"):
         runs.run_eraser(store, "tiny-flux", {"background": bg, "layers": [layer]}, 9.0, 2, 0)
+
+
+def test_concurrent_users_get_their_own_results():
+    """Two users on one model at once (SoftPAG installs effects on the shared denoiser for its run): each gets
+    exactly what it would get alone."""
+    import threading
+
+    store = runs.ModelStore()
+    alone = [runs.run_softpag(store, "tiny-sd15", p, "m0", w, 1.0, 2, 0)[1] for p, w in (("a red circle", 3.0),
+                                                                                          ("a blue star", 0.0))]
+    got = [None, None]
+
+    def user(i, prompt, w):
+        got[i] = runs.run_softpag(store, "tiny-sd15", prompt, "m0", w, 1.0, 2, 0)[1]
+
+    threads = [threading.Thread(target=user, args=(0, "a red circle", 3.0)),
+               threading.Thread(target=user, args=(1, "a blue star", 0.0))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for a, b in zip(alone, got):
+        assert np.asarray(a).tolist() == np.asarray(b).tolist()
 
 
 # --- the running app ------------------------------------------------------------------------------
@@ -105,6 +143,8 @@ def test_api_client(server):
 
     client = Client(server, verbose=False)
     off, on, info = client.predict("tiny-sd15", "a red circle", "m0", 3.0, 1.0, 2, 0, api_name="/softpag")
+    plain, aligned, info2 = client.predict("tiny-sd15", "a red circle\na blue square", 2, 0, api_name="/alignedgen")
+    assert len(plain) == len(aligned) == 2 and "aligned batch" in info2
     assert Path(off).is_file() and Path(on).is_file() and "extra forwards" in info
     image, expr = client.predict(3, api_name="/toy_scene")
     overlay, mask, heat, info = client.predict("tiny-sd15", handle_file(image), expr, 0.5, "drop", api_name="/refam")
@@ -150,7 +190,7 @@ def test_every_tab_in_a_real_browser(server):
         page.fill("#sp-prompt textarea", "a green triangle")
         page.click("#sp-run")
         _wait_value(page, "#sp-info textarea", "extra forwards")
-        assert page.locator("#sp-off img").count() == 1 and page.locator("#sp-on img").count() == 1
+        assert page.locator("#sp-0 img").count() == 1 and page.locator("#sp-1 img").count() == 1
         _shot(page, "softpag")
 
         # bad input shows a message, not a stack trace
@@ -164,7 +204,7 @@ def test_every_tab_in_a_real_browser(server):
         page.locator("#ra-image img").first.wait_for(timeout=60_000)
         page.click("#ra-run")
         _wait_value(page, "#ra-info textarea", "content words")
-        assert page.locator("#ra-overlay img").count() == 1 and page.locator("#ra-mask img").count() == 1
+        assert page.locator("#ra-0 img").count() == 1 and page.locator("#ra-1 img").count() == 1
         _shot(page, "refam")
 
         # Attentive Eraser: load a scene into the mask editor, paint a stroke, erase
@@ -182,7 +222,7 @@ def test_every_tab_in_a_real_browser(server):
         page.mouse.up()
         page.click("#er-run")
         _wait_value(page, "#er-info textarea", "extra forwards")
-        assert page.locator("#er-after img").count() == 1
+        assert page.locator("#er-2 img").count() == 1
         _shot(page, "eraser")
 
         # Entropy scaling: resolution slider, off/on
@@ -190,4 +230,20 @@ def test_every_tab_in_a_real_browser(server):
         page.click("#en-run")
         _wait_value(page, "#en-info textarea", "λ per layer")
         _shot(page, "entropy")
+
+        # AlignedGen: a prompt list -> the plain and the aligned gallery
+        page.get_by_role("tab", name="AlignedGen").click()
+        page.click("#ag-run")
+        _wait_value(page, "#ag-info textarea", "aligned batch")
+        assert page.locator("#ag-1 img").count() >= 3
+        _shot(page, "alignedgen")
+
+        # FreeSwim needs a FLUX/Wan model: pick tiny-flux in the model box, then target size -> both results
+        page.locator("#model input").fill("tiny-flux")
+        page.locator("#model input").press("Enter")
+        page.get_by_role("tab", name="FreeSwim").click()
+        page.click("#fs-run")
+        _wait_value(page, "#fs-info textarea", "FreeSwim (both stages)")
+        assert page.locator("#fs-1 img").count() == 1
+        _shot(page, "freeswim")
         browser.close()
