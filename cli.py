@@ -31,8 +31,8 @@ def tiny_family(model: str):
 
 
 def load_pipeline(model: str, device: str = "cpu", dtype=None):
-    """`tiny-<family>` / `tiny:<family>` builds an embedded random-weight tiny pipeline offline; anything
-    else is a local diffusers folder (or a hub id when the machine has internet). `dtype`: a torch dtype
+    """`tiny-<family>` / `tiny:<family>` builds an embedded random-weight tiny pipeline offline; `toy-sd` /
+    `toy-flux` loads a shipped toy-world model (trained, offline); anything else is a local diffusers folder (or a hub id when the machine has internet). `dtype`: a torch dtype
     or its name ("float16"); None keeps the weights' own (float32 for the tiny models)."""
     import torch
 
@@ -50,6 +50,17 @@ def load_pipeline(model: str, device: str = "cpu", dtype=None):
         pipe = build_tiny_pipeline(family)
         if dtype is not None:
             pipe = pipe.to(dtype=dtype)
+    elif model.startswith(("toy-", "toy:")):
+        from .toyworld.models import TOY_MODELS, load_toy_pipeline, toy_name
+
+        name = toy_name(model)
+        if name is None:
+            raise ValueError(f"--model {model!r}: unknown toy model; choose one of "
+                             + ", ".join(f"toy-{n}" for n in TOY_MODELS))
+        try:
+            pipe = load_toy_pipeline(name, "cpu", dtype)
+        except FileNotFoundError as err:
+            raise ValueError(str(err)) from None
     else:
         from diffusers import DiffusionPipeline
 
@@ -64,6 +75,11 @@ def _tiny_extras(model: str) -> dict:
     """Fixed call arguments the embedded tiny models need (text lengths, no resolution binning)."""
     family = tiny_family(model)
     if family is None:
+        if model.startswith(("toy-", "toy:")):
+            from .toyworld.models import toy_call_kwargs, toy_name
+
+            name = toy_name(model)
+            return {} if name is None else {k: v for k, v in toy_call_kwargs(name).items() if k == "max_sequence_length"}
         return {}
     from .models.tiny import tiny_call_kwargs
 

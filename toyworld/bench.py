@@ -184,8 +184,69 @@ def bench_eraser(b: Bench) -> list[dict]:
                  np.mean(psnr["on"]), len(scenes))]
 
 
+def _objects_only(scene) -> str:
+    """The caption without its background clause: the background (the "style") is left to the model."""
+    return caption(scene).rsplit(" on ", 1)[0]
+
+
+def bench_alignedgen(b: Bench) -> list[dict]:
+    from ..pipelines.alignedgen import AlignedGenPipeline
+
+    aligned = AlignedGenPipeline.from_pipe(b.pipe)
+    batch = 3
+    agree, adh = {"off": [], "on": []}, {"off": [], "on": []}
+    for i in range(b.n):
+        scenes = [sample_scene(HELD_OUT + b.seed + i * batch + j) for j in range(batch)]
+        prompts = [_objects_only(sc) for sc in scenes]
+        for name, runner in (("off", b.pipe), ("on", aligned)):
+            kw = dict(prompt=prompts, height=b.native[0], width=b.native[1], num_inference_steps=b.steps,
+                      generator=torch.Generator().manual_seed(i), **b.call_extras)
+            imgs = [x.convert("RGB") for x in _images(runner(**kw))]
+            parsed = [parse(x) for x in imgs]
+            ref = parsed[0].background
+            agree[name] += [p.background.style == ref.style and set(p.background.colours) == set(ref.colours)
+                            for p in parsed[1:]]
+            adh[name] += [adherence(p, sc)["object_rate"] for p, sc in zip(parsed, scenes)]
+        b.say(f"alignedgen: {i + 1}/{b.n}")
+    return [_row("alignedgen", "background style + colours equal to the reference image's", np.mean(agree["off"]),
+                 np.mean(agree["on"]), b.n * (batch - 1)),
+            _row("alignedgen", "object adherence", np.mean(adh["off"]), np.mean(adh["on"]), b.n * batch)]
+
+
+def _images(out):
+    imgs = getattr(out, "images", None)
+    if imgs is None:
+        imgs = [f[len(f) // 2] for f in out.frames]
+    return [x if isinstance(x, Image.Image) else Image.fromarray(np.asarray(x)) for x in imgs]
+
+
+def bench_freeswim(b: Bench) -> list[dict]:
+    from ..pipelines.freeswim import FreeSwimPipeline
+
+    try:
+        swim = FreeSwimPipeline.from_pipe(b.pipe)
+    except ValueError as err:
+        return [{"method": "freeswim", "skipped": str(err)}]
+    h, w = 2 * b.native[0], 2 * b.native[1]
+    dup, adh = {"off": [], "on": []}, {"off": [], "on": []}
+    scenes = b.scenes()
+    for i, scene in enumerate(scenes):
+        direct = b.generate(caption(scene), h, w, i)
+        kw = dict(b.call_extras, num_inference_steps=b.steps, generator=torch.Generator().manual_seed(i))
+        swum = _images(swim(caption(scene), height=h, width=w, **kw))[0].convert("RGB")
+        for name, img in (("off", direct), ("on", swum)):
+            parsed = parse(img)
+            dup[name].append(max(0, len(parsed.objects) - len(scene.objects)))
+            adh[name].append(adherence(parsed, scene)["object_rate"])
+        b.say(f"freeswim: {i + 1}/{len(scenes)}")
+    return [_row("freeswim", f"duplicated objects per image at 4× area ({w}×{h}) (lower is better)",
+                 np.mean(dup["off"]), np.mean(dup["on"]), len(scenes)),
+            _row("freeswim", "object adherence at 4× area", np.mean(adh["off"]), np.mean(adh["on"]), len(scenes))]
+
+
 BENCHES: dict[str, Callable[[Bench], list[dict]]] = {
-    "entropy": bench_entropy, "softpag": bench_softpag, "refam": bench_refam, "eraser": bench_eraser}
+    "entropy": bench_entropy, "softpag": bench_softpag, "refam": bench_refam, "eraser": bench_eraser,
+    "alignedgen": bench_alignedgen, "freeswim": bench_freeswim}
 
 
 def available(method: str) -> Optional[str]:
