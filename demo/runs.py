@@ -237,7 +237,7 @@ def editor_mask(value) -> tuple[Image.Image, Image.Image]:
 
 def run_eraser(store: ModelStore, model: str, editor, scale: float, steps: int, seed: int,
                progress: Optional[Progress] = None):
-    from ..pipelines.eraser import AttentiveEraserPipeline
+    from ..pipelines.eraser import AttentiveEraserPipeline, default_mode
 
     steps = _check_steps(steps)
     image, mask = editor_mask(editor)
@@ -246,17 +246,19 @@ def run_eraser(store: ModelStore, model: str, editor, scale: float, steps: int, 
         raise ValueError(f"the Attentive Eraser tab runs on SD1.5/SDXL models; {model} is a {loaded.family} model")
     h, w = loaded.native
     image, mask = image.resize((w, h)), mask.resize((w, h), Image.NEAREST)
-    erase = dict(prompt="", num_inference_steps=steps, strength=0.8, **_tiny_extras(model))
+    mode = default_mode(loaded.pipe)  # SIP needs a 4-channel UNet (diffusers' inpaint pipeline); the toy models: DIP
+    erase = dict(prompt="", num_inference_steps=steps, strength=0.8 if mode == "sip" else None, **_tiny_extras(model))
     with loaded.lock, torch.no_grad():
         t0 = time.perf_counter()
-        eraser = AttentiveEraserPipeline.from_pipe(loaded.pipe, sarg_scale=float(scale))
-        plain = AttentiveEraserPipeline.from_pipe(loaded.pipe, sarg_scale=0.0)
+        eraser = AttentiveEraserPipeline.from_pipe(loaded.pipe, sarg_scale=float(scale), mode=mode)
+        plain = AttentiveEraserPipeline.from_pipe(loaded.pipe, sarg_scale=0.0, mode=mode)
         before = plain(image, mask, generator=_gen(seed), **erase).images[0]
         if progress is not None:
             progress(0.5, "plain inpainting done")
         after = eraser(image, mask, generator=_gen(seed), **erase).images[0]
         t = time.perf_counter() - t0
-    info = f"SARG scale {scale:g}, {steps} steps, {eraser.extra_passes} extra forwards; {t:.2f} s for both runs"
+    info = (f"{mode.upper()}, SARG scale {scale:g}, {steps} steps, {eraser.extra_passes} extra forwards; {t:.2f} s for "
+            "both runs")
     return image, before, after, info
 
 

@@ -28,7 +28,7 @@ from ..processors.alignedgen import AlignedGen
 from ..processors.host_diffusers import Session
 from ..processors.host_diffusers.model_info import family_of
 from ..processors.host_diffusers.session import denoiser_names
-from .wrapper import PipelineWrapper
+from .wrapper import PipelineWrapper, unet_conditioning
 
 STYLE_FAMILIES = ("flux", "unet", "sd3", "pixart")
 _PIL_MODES = ("RGB", "RGBA", "L", "LA", "P", "PA", "CMYK", "YCbCr", "RGBX")
@@ -269,28 +269,8 @@ class AlignedGenPipeline(PipelineWrapper):
         sched = type(pipe.scheduler).from_config(pipe.scheduler.config)
         sched.set_timesteps(steps)
         timesteps = [float(t) for t in sched.timesteps]
-        captured: dict = {}
-
-        class _Stop(Exception):
-            pass
-
-        def grab(module, args, kwargs):
-            captured.update(kwargs)
-            captured["_args"] = args
-            raise _Stop
-
-        handle = unet.register_forward_pre_hook(grab, with_kwargs=True)
-        try:
-            pipe(prompt=prompt, guidance_scale=1.0, num_inference_steps=steps, height=height, width=width,
-                 output_type="latent")
-        except _Stop:
-            pass
-        finally:
-            handle.remove()
-        args = captured.pop("_args")
-        extra = {k: v for k, v in captured.items() if k not in ("sample", "timestep", "return_dict")}
-        if args[2:]:
-            extra["encoder_hidden_states"] = args[2]
+        extra = unet_conditioning(unet, lambda: pipe(prompt=prompt, guidance_scale=1.0, num_inference_steps=steps,
+                                                     height=height, width=width, output_type="latent"))
         z = z0.to(device=unet.device, dtype=unet.dtype)
         a_prev, out = 1.0, {}
         for t in sorted(timesteps):

@@ -45,7 +45,7 @@ import torch.nn.functional as F
 from ..processors.eraser import REDIRECTED, AttentiveEraser, as_mask_tensor, dilate
 from ..processors.host_diffusers import Session
 from ..processors.host_diffusers.session import denoiser_names
-from .wrapper import PipelineWrapper
+from .wrapper import PipelineWrapper, unet_conditioning
 from ..processors.host_diffusers.guidance import GuidancePass, cfg_scales, guided
 from ..processors.host_diffusers.model_info import family_of
 
@@ -132,9 +132,10 @@ class AttentiveEraserPipeline(PipelineWrapper):
         self.family = family_of(denoiser)
         cls = _inpaint_class(pipe)
         in_ch = getattr(denoiser.config, "in_channels", None)
-        if self.family == "unet" and in_ch not in (None, 4):
-            raise ValueError(f"SIP needs a standard text-to-image UNet (4 input channels), this one has {in_ch} "
-                             "(an inpainting model); its pipeline does no per-step known-region replacement")
+        if self.family == "unet" and mode == "sip" and in_ch not in (None, 4):
+            raise ValueError(f"SIP runs diffusers' inpaint pipeline, which blends known regions per step only for "
+                             f"4-channel text-to-image UNets; this one has {in_ch} input channels (an inpainting "
+                             "model, or a non-standard latent space): use mode='dip'")
         self.inpaint = pipe if type(pipe) is cls else cls.from_pipe(pipe)
         if mode == "dip" and self.family != "unet":
             raise NotImplementedError("Attentive Eraser DIP is implemented for UNet pipelines (SD1.x/2.x, SDXL) only; "
@@ -247,27 +248,8 @@ class AttentiveEraserPipeline(PipelineWrapper):
         SDXL added conditions) are the ones the stock pipeline builds for `call` (captured from its first
         forward, which is then aborted)."""
         unet = t2i.unet
-        captured = {}
-
-        class _Stop(Exception):
-            pass
-
-        def grab(module, args, kwargs):
-            captured.update(kwargs)
-            captured["_args"] = args
-            raise _Stop
-
-        handle = unet.register_forward_pre_hook(grab, with_kwargs=True)
-        try:
-            t2i(**{**call, "latents": z0, "output_type": "latent", "num_inference_steps": steps})
-        except _Stop:
-            pass
-        finally:
-            handle.remove()
-        args = captured.pop("_args")
-        extra = {k: v for k, v in captured.items() if k not in ("sample", "timestep", "return_dict")}
-        if args[2:]:
-            extra["encoder_hidden_states"] = args[2]
+        extra = unet_conditioning(unet, lambda: t2i(**{**call, "latents": z0, "output_type": "latent",
+                                                        "num_inference_steps": steps}))
         sched = t2i.scheduler
         sched.set_timesteps(steps)
         timesteps = sched.timesteps.tolist()
@@ -338,6 +320,12 @@ class AttentiveEraserPipeline(PipelineWrapper):
         result.images = proc.postprocess(out * 2 - 1, output_type=output_type)
         return result
 
+
+
+def default_mode(pipe) -> str:
+    """"sip" where diffusers' inpaint pipeline can run the model (4-channel UNets, DiTs), else "dip"."""
+    unet = getattr(pipe, "unet", None)
+    return "dip" if unet is not None and unet.config.in_channels != 4 else "sip"
 
 
 def attentive_eraser(pipe, **options) -> AttentiveEraserPipeline:

@@ -166,6 +166,26 @@ def default_tile(spec: WindowSpec) -> tuple[int, int]:
     return (max(8, -(-kh // 2)), max(8, -(-kw // 2)))
 
 
+def window_tiles(spec: WindowSpec, th: int, tw: int):
+    """Query tiles of the grid and the key rectangle their windows cover: yields (y0, y1, x0, x1, r0, r1, c0, c1,
+    mask) with `mask` [(y1−y0)·(x1−x0), (r1−r0)·(c1−c0)] bool (query position may see key position), one frame."""
+    _, h, w = spec.grid
+    ly, hy = axis_bounds(h, spec.half[0], spec.inward)
+    lx, hx = axis_bounds(w, spec.half[1], spec.inward)
+    for y0 in range(0, h, th):
+        y1 = min(y0 + th, h)
+        r0, r1 = int(ly[y0]), int(hy[y1 - 1])
+        rows = torch.arange(r0, r1)
+        mh = (rows[None, :] >= ly[y0:y1, None]) & (rows[None, :] < hy[y0:y1, None])
+        for x0 in range(0, w, tw):
+            x1 = min(x0 + tw, w)
+            c0, c1 = int(lx[x0]), int(hx[x1 - 1])
+            cols = torch.arange(c0, c1)
+            mw = (cols[None, :] >= lx[x0:x1, None]) & (cols[None, :] < hx[x0:x1, None])
+            mask = (mh[:, None, :, None] & mw[None, :, None, :]).reshape((y1 - y0) * (x1 - x0), (r1 - r0) * (c1 - c0))
+            yield y0, y1, x0, x1, r0, r1, c0, c1, mask
+
+
 def chunked_window_attention(q, k, v, spec: WindowSpec, scale: Optional[float] = None, kernel: Kernel = sdpa_kernel,
                              tile: Optional[tuple[int, int]] = None, text_queries: bool = True) -> torch.Tensor:
     """Exact window attention, query tile by query tile. Each tile (all frames × th × tw positions) attends
@@ -186,34 +206,20 @@ def chunked_window_attention(q, k, v, spec: WindowSpec, scale: Optional[float] =
     kt = vt = None
     if spec.text is not None and spec.text_tokens:
         kt, vt = k[:, :, spec.text], v[:, :, spec.text]
-    ly, hy = axis_bounds(h, spec.half[0], spec.inward)
-    lx, hx = axis_bounds(w, spec.half[1], spec.inward)
     out_img = None
-    for y0 in range(0, h, th):
-        y1 = min(y0 + th, h)
-        r0, r1 = int(ly[y0]), int(hy[y1 - 1])
-        rows = torch.arange(r0, r1)
-        mh = (rows[None, :] >= ly[y0:y1, None]) & (rows[None, :] < hy[y0:y1, None])
-        for x0 in range(0, w, tw):
-            x1 = min(x0 + tw, w)
-            c0, c1 = int(lx[x0]), int(hx[x1 - 1])
-            cols = torch.arange(c0, c1)
-            mw = (cols[None, :] >= lx[x0:x1, None]) & (cols[None, :] < hx[x0:x1, None])
-            qt = qg[:, :, :, y0:y1, x0:x1].reshape(b, nh, -1, dim)
-            kr = kg[:, :, :, r0:r1, c0:c1].reshape(b, nh, -1, dim)
-            vr = vg[:, :, :, r0:r1, c0:c1].reshape(b, nh, -1, dim)
-            mask = None
-            if not (bool(mh.all()) and bool(mw.all())):
-                m2 = (mh[:, None, :, None] & mw[None, :, None, :]).reshape((y1 - y0) * (x1 - x0), (r1 - r0) * (c1 - c0))
-                mask = m2.repeat(t, t).to(q.device)
-            if kt is not None:
-                kr, vr = torch.cat([kt, kr], dim=2), torch.cat([vt, vr], dim=2)
-                if mask is not None:
-                    mask = torch.cat([torch.ones(mask.shape[0], kt.shape[2], dtype=torch.bool, device=q.device), mask], 1)
-            out = kernel(qt, kr, vr, None if mask is None else mask[None, None], scale)
-            if out_img is None:
-                out_img = torch.empty((b, nh, t, h, w, out.shape[-1]), dtype=out.dtype, device=out.device)
-            out_img[:, :, :, y0:y1, x0:x1] = out.reshape(b, nh, t, y1 - y0, x1 - x0, -1)
+    for y0, y1, x0, x1, r0, r1, c0, c1, m2 in window_tiles(spec, th, tw):
+        qt = qg[:, :, :, y0:y1, x0:x1].reshape(b, nh, -1, dim)
+        kr = kg[:, :, :, r0:r1, c0:c1].reshape(b, nh, -1, dim)
+        vr = vg[:, :, :, r0:r1, c0:c1].reshape(b, nh, -1, dim)
+        mask = None if bool(m2.all()) else m2.repeat(t, t).to(q.device)
+        if kt is not None:
+            kr, vr = torch.cat([kt, kr], dim=2), torch.cat([vt, vr], dim=2)
+            if mask is not None:
+                mask = torch.cat([torch.ones(mask.shape[0], kt.shape[2], dtype=torch.bool, device=q.device), mask], 1)
+        out = kernel(qt, kr, vr, None if mask is None else mask[None, None], scale)
+        if out_img is None:
+            out_img = torch.empty((b, nh, t, h, w, out.shape[-1]), dtype=out.dtype, device=out.device)
+        out_img[:, :, :, y0:y1, x0:x1] = out.reshape(b, nh, t, y1 - y0, x1 - x0, -1)
     out_img = out_img.reshape(b, nh, t * h * w, -1)
     if kt is None or not text_queries:
         return out_img
@@ -234,30 +240,18 @@ def lse_window_partials(q, k, v, spec: WindowSpec, scale: float, tile: Optional[
     qg = q[:, :, img].float().reshape(b, nh, t, h, w, dim)
     kg = k[:, :, img].float().reshape(b, nh, t, h, w, dim)
     vg = v[:, :, img].float().reshape(b, nh, t, h, w, -1)
-    ly, hy = axis_bounds(h, spec.half[0], spec.inward)
-    lx, hx = axis_bounds(w, spec.half[1], spec.inward)
     out = torch.empty(b, nh, t, h, w, vg.shape[-1], device=q.device)
     lse = torch.empty(b, nh, t, h, w, device=q.device)
-    for y0 in range(0, h, th):
-        y1 = min(y0 + th, h)
-        r0, r1 = int(ly[y0]), int(hy[y1 - 1])
-        rows = torch.arange(r0, r1)
-        mh = (rows[None, :] >= ly[y0:y1, None]) & (rows[None, :] < hy[y0:y1, None])
-        for x0 in range(0, w, tw):
-            x1 = min(x0 + tw, w)
-            c0, c1 = int(lx[x0]), int(hx[x1 - 1])
-            cols = torch.arange(c0, c1)
-            mw = (cols[None, :] >= lx[x0:x1, None]) & (cols[None, :] < hx[x0:x1, None])
-            m2 = (mh[:, None, :, None] & mw[None, :, None, :]).reshape((y1 - y0) * (x1 - x0), (r1 - r0) * (c1 - c0))
-            mask = m2.repeat(t, t).to(q.device)
-            qt = qg[:, :, :, y0:y1, x0:x1].reshape(b, nh, -1, dim)
-            kr = kg[:, :, :, r0:r1, c0:c1].reshape(b, nh, -1, dim)
-            vr = vg[:, :, :, r0:r1, c0:c1].reshape(b, nh, -1, vg.shape[-1])
-            logits = (qt @ kr.transpose(-1, -2) * scale).masked_fill(~mask, float("-inf"))
-            l = torch.logsumexp(logits, dim=-1)
-            o = torch.exp(logits - l[..., None]) @ vr
-            out[:, :, :, y0:y1, x0:x1] = o.reshape(b, nh, t, y1 - y0, x1 - x0, -1)
-            lse[:, :, :, y0:y1, x0:x1] = l.reshape(b, nh, t, y1 - y0, x1 - x0)
+    for y0, y1, x0, x1, r0, r1, c0, c1, m2 in window_tiles(spec, th, tw):
+        mask = m2.repeat(t, t).to(q.device)
+        qt = qg[:, :, :, y0:y1, x0:x1].reshape(b, nh, -1, dim)
+        kr = kg[:, :, :, r0:r1, c0:c1].reshape(b, nh, -1, dim)
+        vr = vg[:, :, :, r0:r1, c0:c1].reshape(b, nh, -1, vg.shape[-1])
+        logits = (qt @ kr.transpose(-1, -2) * scale).masked_fill(~mask, float("-inf"))
+        l = torch.logsumexp(logits, dim=-1)
+        o = torch.exp(logits - l[..., None]) @ vr
+        out[:, :, :, y0:y1, x0:x1] = o.reshape(b, nh, t, y1 - y0, x1 - x0, -1)
+        lse[:, :, :, y0:y1, x0:x1] = l.reshape(b, nh, t, y1 - y0, x1 - x0)
     return out.reshape(b, nh, t * h * w, -1), lse.reshape(b, nh, t * h * w)
 
 

@@ -6,6 +6,7 @@ import pytest
 
 import fake_comfy
 import real_comfy
+from attnlab.processors.effects import Effect
 from attnlab.processors.host_comfy import ROLE_KEY
 from attnlab.processors.host_comfy import guidance as guidance_module
 
@@ -52,3 +53,22 @@ def record_batches(patcher, backend, outputs=False):
 
     patcher.add_wrapper_with_key(backend.WrappersMP.CALC_COND_BATCH, "attnlab_test", wrapper)
     return log
+
+
+class Probe(Effect):
+    """Records (call, output of the stages below) per call, at `stage` ("observe": after every other effect;
+    "kernel": what the stages above hand down). Shared by the clones ComfyUI deep-copies."""
+
+    name = "probe"
+
+    def __init__(self, stage):
+        self.stage = stage
+        self.calls = []
+
+    def __call__(self, call, attend):
+        out = attend(call.q, call.k, call.v)
+        self.calls.append((call, out))
+        return out
+
+    def __deepcopy__(self, memo):
+        return self

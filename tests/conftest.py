@@ -10,7 +10,8 @@ from pathlib import Path  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+# ATTNLAB_TEST_THREADS=1 when another heavy process shares the cores (OpenMP spin-waits otherwise)
+torch.set_num_threads(int(os.environ.get("ATTNLAB_TEST_THREADS", max(1, min(2, os.cpu_count() or 1)))))
 
 
 @pytest.fixture(autouse=True)

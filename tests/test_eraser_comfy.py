@@ -9,10 +9,9 @@ import torch
 import torch.nn.functional as F
 
 import fake_comfy
-from comfy_pass_tools import parametrize_backends, record_batches, tiny
+from comfy_pass_tools import Probe, parametrize_backends, record_batches, tiny
 from attnlab.nodes import NODE_SPECS
 from attnlab.nodes.eraser import ATTENTIVE_ERASER, mask_batch
-from attnlab.processors.effects import Effect
 from attnlab.processors.eraser import REDIRECTED, AttentiveEraser, token_mask
 from attnlab.processors.host_comfy import EFFECTS_KEY, UnsupportedComfyModel, patch_model
 from attnlab.processors.host_comfy import guidance as guidance_module
@@ -58,23 +57,6 @@ def node(model, mask=_DEFAULT, **values):
 
 
 
-class Probe(Effect):
-    """Records (call, output of the stage below): "observe" sees the eraser's result; "kernel" sees the calls the
-    stages above hand down (the stock call in plain passes, the eraser's redirected call in its pass)."""
-
-    name = "probe"
-
-    def __init__(self, stage):
-        self.stage = stage
-        self.calls = []
-
-    def __call__(self, call, attend):
-        out = attend(call.q, call.k, call.v)
-        self.calls.append((call, out))
-        return out
-
-    def __deepcopy__(self, memo):
-        return self
 
 
 def redirected_reference(call, obj, ss: float):

@@ -14,7 +14,8 @@ import torch
 from attnlab.models.tiny import build_tiny_pipeline, denoiser_of, output_tensor, tiny_call_kwargs
 from attnlab.pipelines.freeswim import FreeSwimPipeline, freeswim
 from attnlab.processors.call import AttentionCall, Site, StepInfo, TokenLayout
-from attnlab.processors.effects import Effect, EffectStack
+from attnlab.processors.effects import EffectStack
+from comfy_pass_tools import Probe
 from attnlab.processors.freeswim import FreeSwim, FreeSwimLogitScale, check_target_size, freeswim_effects
 from attnlab.processors.freeswim_window import (FlexWindow, WindowSpec, block_density, chunked_window_attention,
                                                 decode_raster, decode_tiled, dense_window_attention, half_widths,
@@ -244,17 +245,6 @@ def test_logit_scale_is_the_official_constant_tied_to_the_base_grid():
 
 
 # --------------------------------------------------------------------------------------- the effect alone
-class Probe(Effect):
-    def __init__(self, stage):
-        self.stage = stage
-        self.calls = []
-
-    def __call__(self, call, attend):
-        out = attend(call.q, call.k, call.v)
-        self.calls.append((call, out))
-        return out
-
-
 def _cross_call(roles, n=12, t=5):
     g = torch.Generator().manual_seed(3)
     b = len(roles)

@@ -8,10 +8,9 @@ import copy
 import pytest
 import torch
 
-from comfy_pass_tools import parametrize_backends, tiny
+from comfy_pass_tools import Probe, parametrize_backends, tiny
 from attnlab.nodes import NODE_SPECS
 from attnlab.nodes.freeswim import FREESWIM
-from attnlab.processors.effects import Effect
 from attnlab.processors.freeswim import FreeSwim, freeswim_effects
 from attnlab.processors.host_comfy import patch_model
 from attnlab.processors.host_comfy.dual_pass import DualPassWrapper, install_dual_pass
@@ -49,20 +48,6 @@ def _close(a, b):
     torch.testing.assert_close(a, b, atol=1e-5 * max(1.0, float(b.abs().max())), rtol=0)
 
 
-class Probe(Effect):
-    name = "probe"
-
-    def __init__(self, stage):
-        self.stage = stage
-        self.calls = []
-
-    def __call__(self, call, attend):
-        out = attend(call.q, call.k, call.v)
-        self.calls.append((call, out))
-        return out
-
-    def __deepcopy__(self, memo):
-        return self
 
 
 def test_node_is_registered():

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import fake_comfy
-from comfy_pass_tools import parametrize_backends, record_batches, tiny
+from comfy_pass_tools import Probe, parametrize_backends, record_batches, tiny
 from attnlab.nodes import NODE_SPECS
 from attnlab.nodes.softpag import SOFTPAG
 from attnlab.processors import Recorder
@@ -54,23 +54,6 @@ def node(model, **values):
 
 
 
-class Probe(Effect):
-    """Records, per call, the output the stage below hands up (`stage` "observe": after SoftPAG; "kernel":
-    the stock attention)."""
-
-    name = "probe"
-
-    def __init__(self, stage):
-        self.stage = stage
-        self.calls = []
-
-    def __call__(self, call, attend):
-        out = attend(call.q, call.k, call.v)
-        self.calls.append((call, out))
-        return out
-
-    def __deepcopy__(self, memo):
-        return self
 
 
 # ----------------------------------------------------------------------------- host: sites and checks

@@ -154,13 +154,14 @@ def _psnr(a: np.ndarray, b: np.ndarray) -> float:
 
 
 def bench_eraser(b: Bench) -> list[dict]:
-    from ..pipelines.eraser import AttentiveEraserPipeline
+    from ..pipelines.eraser import AttentiveEraserPipeline, default_mode
 
     if b.family != "unet":
         return [{"method": "eraser", "skipped": f"the bench runs the eraser on SD1.5/SDXL models, not {b.family}"}]
     size = b.native[0]
-    erasers = {"off": AttentiveEraserPipeline.from_pipe(b.pipe, sarg_scale=0.0),
-               "on": AttentiveEraserPipeline.from_pipe(b.pipe, sarg_scale=9.0)}
+    mode = default_mode(b.pipe)
+    erasers = {"off": AttentiveEraserPipeline.from_pipe(b.pipe, sarg_scale=0.0, mode=mode),
+               "on": AttentiveEraserPipeline.from_pipe(b.pipe, sarg_scale=9.0, mode=mode)}
     leak, psnr = {"off": [], "on": []}, {"off": [], "on": []}
     scenes = b.scenes(n_objects=2)
     for i, scene in enumerate(scenes):
@@ -171,8 +172,8 @@ def bench_eraser(b: Bench) -> list[dict]:
         colour = np.array(OBJECT_COLOURS[scene.objects[target].colour], np.float64)
         palette = np.array(list(OBJECT_COLOURS.values()), np.float64)
         for name, er in erasers.items():
-            out = er(render(scene, size), mask, prompt="", num_inference_steps=b.steps, strength=0.8,
-                     generator=torch.Generator().manual_seed(i)).images[0]
+            out = er(render(scene, size), mask, prompt="", num_inference_steps=b.steps,
+                     strength=0.8 if mode == "sip" else None, generator=torch.Generator().manual_seed(i)).images[0]
             px = np.asarray(out.convert("RGB"), np.float64)[truth]
             nearest = np.linalg.norm(px[:, None] - palette, axis=-1).argmin(-1)
             leak[name].append(float(np.mean(np.all(palette[nearest] == colour, axis=-1))))

@@ -14,9 +14,10 @@ import contextlib
 import inspect
 
 import torch
-from diffusers.hooks.hooks import HookRegistry, ModelHook
+from diffusers.hooks.hooks import ModelHook
 
 from .guidance import _sample_of, _with_sample, take_rows
+from .run_state import attach_hook, detach_hook, watch_encode_prompt
 
 HOOK_NAME = "attnlab_freeswim_dual_pass"
 
@@ -83,36 +84,20 @@ class DualPassHook(ModelHook):
 def watch_negative(pipeline, hooks) -> "callable":
     """Record the negative prompt embeddings `pipeline.encode_prompt` returns (second element) on `hooks`.
     Returns a function that undoes the watch."""
-    if pipeline is None or not hasattr(pipeline, "encode_prompt"):
-        return lambda: None
-    original = pipeline.encode_prompt
-
-    def encode_prompt(*args, **kwargs):
-        result = original(*args, **kwargs)
+    def record(arguments, result):
         if isinstance(result, tuple) and len(result) >= 2 and torch.is_tensor(result[1]):
             for h in hooks:
                 h.negative = result[1]
-        return result
 
-    pipeline.encode_prompt = encode_prompt
-
-    def undo():
-        if pipeline.__dict__.get("encode_prompt") is encode_prompt:
-            del pipeline.encode_prompt
-
-    return undo
+    return watch_encode_prompt(pipeline, record)
 
 
 def attach_dual_pass(denoiser: torch.nn.Module, hook: DualPassHook) -> None:
-    registry = HookRegistry.check_if_exists_or_initialize(denoiser)
-    registry.register_hook(hook, HOOK_NAME)
-    registry.invalidate_child_registries_cache()
+    attach_hook(denoiser, hook, HOOK_NAME)
 
 
 def detach_dual_pass(denoiser: torch.nn.Module) -> None:
-    registry = getattr(denoiser, "_diffusers_hook", None)
-    if registry is not None and registry.get_hook(HOOK_NAME) is not None:
-        registry.remove_hook(HOOK_NAME, recurse=False)
+    detach_hook(denoiser, HOOK_NAME)
 
 
 @contextlib.contextmanager

@@ -20,9 +20,10 @@ import inspect
 from typing import Callable, Optional
 
 import torch
-from diffusers.hooks.hooks import HookRegistry, ModelHook
+from diffusers.hooks.hooks import ModelHook
 
 from ..call import StepInfo
+from .run_state import attach_hook, detach_hook
 
 HOOK_NAME = "attnlab_guidance"
 
@@ -176,15 +177,11 @@ def guided(pipeline, effects, scale_at: Callable[[StepInfo, Optional[float]], fl
 
 
 def attach_guidance(denoiser: torch.nn.Module, hook: GuidancePass) -> None:
-    registry = HookRegistry.check_if_exists_or_initialize(denoiser)
-    registry.register_hook(hook, HOOK_NAME)
-    registry.invalidate_child_registries_cache()
+    attach_hook(denoiser, hook, HOOK_NAME)
 
 
 def detach_guidance(denoiser: torch.nn.Module) -> None:
-    registry = getattr(denoiser, "_diffusers_hook", None)
-    if registry is not None and registry.get_hook(HOOK_NAME) is not None:
-        registry.remove_hook(HOOK_NAME, recurse=False)
+    detach_hook(denoiser, HOOK_NAME)
 
 
 # --- CFG scale from the pipeline call -----------------------------------------------------------------

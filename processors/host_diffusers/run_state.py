@@ -191,23 +191,20 @@ def _flux_grid(img_ids, n_tokens: int):
     return (1, rows, cols) if rows * cols == n_tokens else None
 
 
-def watch_cfg(pipeline, state: RunState):
-    """For CFG-batched pipelines without a `do_classifier_free_guidance` property (PixArt), record the
-    flag the pipeline passes to its own `encode_prompt`. Returns a function that undoes the watch."""
-    if pipeline is None or state.geometry.family not in _CFG_BATCHED_FAMILIES:
-        return lambda: None
-    if hasattr(type(pipeline), "do_classifier_free_guidance") or not hasattr(pipeline, "encode_prompt"):
+def watch_encode_prompt(pipeline, on_call) -> "callable":
+    """Wrap `pipeline.encode_prompt` (an instance attribute over the class's method) so that every call also runs
+    `on_call(arguments, result)` with the call's bound arguments (defaults applied). Returns the undo."""
+    if pipeline is None or not hasattr(pipeline, "encode_prompt"):
         return lambda: None
     original = pipeline.encode_prompt
     signature = inspect.signature(original)
-    if "do_classifier_free_guidance" not in signature.parameters:
-        return lambda: None
 
     def encode_prompt(*args, **kwargs):
+        result = original(*args, **kwargs)
         bound = signature.bind_partial(*args, **kwargs)
         bound.apply_defaults()
-        state.cfg_from_encode = bool(bound.arguments["do_classifier_free_guidance"])
-        return original(*args, **kwargs)
+        on_call(bound.arguments, result)
+        return result
 
     pipeline.encode_prompt = encode_prompt
 
@@ -218,13 +215,38 @@ def watch_cfg(pipeline, state: RunState):
     return undo
 
 
-def attach_state(denoiser: torch.nn.Module, state: RunState) -> None:
+def watch_cfg(pipeline, state: RunState):
+    """For CFG-batched pipelines without a `do_classifier_free_guidance` property (PixArt), record the
+    flag the pipeline passes to its own `encode_prompt`. Returns a function that undoes the watch."""
+    if pipeline is None or state.geometry.family not in _CFG_BATCHED_FAMILIES:
+        return lambda: None
+    if hasattr(type(pipeline), "do_classifier_free_guidance") or not hasattr(pipeline, "encode_prompt"):
+        return lambda: None
+    if "do_classifier_free_guidance" not in inspect.signature(pipeline.encode_prompt).parameters:
+        return lambda: None
+
+    def record(arguments, result):
+        state.cfg_from_encode = bool(arguments["do_classifier_free_guidance"])
+
+    return watch_encode_prompt(pipeline, record)
+
+
+def attach_hook(denoiser: torch.nn.Module, hook: ModelHook, name: str) -> None:
+    """Register `hook` on the denoiser's diffusers HookRegistry under `name`."""
     registry = HookRegistry.check_if_exists_or_initialize(denoiser)
-    registry.register_hook(RunStateHook(state, denoiser), HOOK_NAME)
+    registry.register_hook(hook, name)
     registry.invalidate_child_registries_cache()
 
 
-def detach_state(denoiser: torch.nn.Module) -> None:
+def detach_hook(denoiser: torch.nn.Module, name: str) -> None:
     registry = getattr(denoiser, "_diffusers_hook", None)
-    if registry is not None and registry.get_hook(HOOK_NAME) is not None:
-        registry.remove_hook(HOOK_NAME, recurse=False)
+    if registry is not None and registry.get_hook(name) is not None:
+        registry.remove_hook(name, recurse=False)
+
+
+def attach_state(denoiser: torch.nn.Module, state: RunState) -> None:
+    attach_hook(denoiser, RunStateHook(state, denoiser), HOOK_NAME)
+
+
+def detach_state(denoiser: torch.nn.Module) -> None:
+    detach_hook(denoiser, HOOK_NAME)
