@@ -12,8 +12,11 @@ import os
 from . import runs
 
 TITLE = "attnlab — training-free attention methods"
-INTRO = ("Every tab runs a method of the pack off and on with the same seed. The embedded models are tiny and run "
-         "offline on a CPU in seconds; pick a local diffusers folder (or a hub id, with internet) for real results.")
+INTRO = ("Every tab runs a method of the pack off and on with the same seed. The embedded **toy-sd** / **toy-flux** "
+         "models were trained by the pack on its synthetic toy world (coloured shapes on patterned backgrounds, "
+         "48 px): prompts in that world's grammar work best, e.g. *a large red circle left of a small blue square on "
+         "a plain white background*. The *tiny-** models have random weights (plumbing only). Type a local "
+         "diffusers folder (or a hub id, with internet) for real models.")
 
 
 def _ui_errors(fn):
@@ -34,7 +37,7 @@ def _progress(progress):
     return lambda frac, desc: progress(frac, desc=desc)
 
 
-def _steps_seed(steps: int = 4):
+def _steps_seed(steps: int = 20):
     import gradio as gr
 
     with gr.Row():
@@ -67,7 +70,8 @@ def build_app(store: runs.ModelStore | None = None):
         with gr.Tab("SoftPAG", elem_id="tab-softpag"):
             with gr.Row():
                 with gr.Column():
-                    sp_prompt = gr.Textbox("a red circle above a blue square", label="Prompt", elem_id="sp-prompt")
+                    sp_prompt = gr.Textbox("a large red circle left of a small blue square on a plain white background", label="Prompt",
+                                           elem_id="sp-prompt")
                     sp_heads = gr.Dropdown(label="Heads", allow_custom_value=True, elem_id="sp-heads",
                                            info="e.g. 'L7:H3,H5; L9:*', UNet blocks 'm0', or a preset; empty = default")
                     with gr.Row():
@@ -101,7 +105,7 @@ def build_app(store: runs.ModelStore | None = None):
                         er_seed_scene = gr.Number(1, precision=0, label="Scene seed")
                         er_scene = gr.Button("Load a toy scene", elem_id="er-scene")
                     er_scale = gr.Slider(0, 15, 9.0, step=0.5, label="SARG scale")
-                    er_steps, er_seed = _steps_seed(10)
+                    er_steps, er_seed = _steps_seed(20)
                     er_run = gr.Button("Erase", variant="primary", elem_id="er-run")
                 with gr.Column():
                     er_out = _results("er", ["input", "plain inpainting (s = 0)", "Attentive Eraser"])
@@ -109,7 +113,7 @@ def build_app(store: runs.ModelStore | None = None):
         with gr.Tab("Entropy scaling", elem_id="tab-entropy"):
             with gr.Row():
                 with gr.Column():
-                    en_prompt = gr.Textbox("a small green star on a striped background", label="Prompt",
+                    en_prompt = gr.Textbox("a medium green star on a striped black and gray background", label="Prompt",
                                            elem_id="en-prompt")
                     en_res = gr.Slider(0.5, 3.0, 2.0, step=0.25, label="Resolution (× native size)", elem_id="en-res")
                     en_steps, en_seed = _steps_seed()
@@ -120,7 +124,7 @@ def build_app(store: runs.ModelStore | None = None):
         with gr.Tab("AlignedGen", elem_id="tab-alignedgen"):
             with gr.Row():
                 with gr.Column():
-                    ag_prompts = gr.Textbox("a red circle on a dotted background\na blue star\na green triangle",
+                    ag_prompts = gr.Textbox("a large red circle on a white background with gray dots\na small blue star\na medium green triangle",
                                             lines=4, label="Prompts, one per line (the first is the style reference)",
                                             elem_id="ag-prompts")
                     ag_steps, ag_seed = _steps_seed()
@@ -131,7 +135,8 @@ def build_app(store: runs.ModelStore | None = None):
         with gr.Tab("FreeSwim", elem_id="tab-freeswim"):
             with gr.Row():
                 with gr.Column():
-                    fs_prompt = gr.Textbox("a small red circle left of a blue square", label="Prompt", elem_id="fs-prompt")
+                    fs_prompt = gr.Textbox("a small red circle left of a medium blue square on a plain white background",
+                                           label="Prompt", elem_id="fs-prompt")
                     fs_scale = gr.Slider(1.25, 4.0, 2.0, step=0.25, label="Target size (× native side)", elem_id="fs-scale")
                     fs_steps, fs_seed = _steps_seed()
                     fs_run = gr.Button("Generate direct / FreeSwim", variant="primary", elem_id="fs-run")
