@@ -1,0 +1,89 @@
+"""Toy-world trained models (issue 8): shipped weights load offline and generate fast; the training code runs,
+saves, resumes and reloads (tiny sizes); the word-level toy tokenizer round-trips.
+
+The quality numbers themselves come from ``python -m attnlab.toyworld.evaluate`` (too slow for a unit test);
+see docs/toyworld.md.
+"""
+
+import json
+import time
+
+import numpy as np
+import pytest
+import torch
+
+from attnlab.toyworld import caption, sample_scene
+from attnlab.toyworld.models import (available_toy_models, load_toy_pipeline, toy_call_kwargs, toy_image_size,
+                                     toy_model_dir)
+from attnlab.toyworld.train import GRAMMAR_WORDS, make_toy_clip_tokenizer, train
+
+
+def test_toy_tokenizer_words_are_single_tokens_and_round_trip(tmp_path):
+    from transformers import CLIPTokenizer
+
+    tok = make_toy_clip_tokenizer()
+    for w in GRAMMAR_WORDS:
+        assert len(tok(w).input_ids) == 3, w  # bos, word, eos
+    tok.save_pretrained(tmp_path)
+    back = CLIPTokenizer.from_pretrained(tmp_path)
+    for s in range(50):
+        c = caption(sample_scene(s))
+        ids = tok(c).input_ids
+        assert back(c).input_ids == ids
+        assert len(ids) <= tok.model_max_length
+    assert len(tok("a fluffy dog").input_ids) > 3  # unknown words still tokenize (byte fallback)
+
+
+def test_missing_weights_give_a_clear_error(tmp_path):
+    with pytest.raises(FileNotFoundError, match="attnlab.toyworld.train"):
+        load_toy_pipeline("sd", path=tmp_path / "nothing")
+    with pytest.raises(ValueError, match="unknown toy model"):
+        toy_model_dir("sdxl")
+    assert toy_model_dir("toy-sd") == toy_model_dir("sd")
+
+
+def test_sd_model_is_shipped():
+    assert "sd" in available_toy_models(), f"no weights in {toy_model_dir('sd')}"
+
+
+@pytest.mark.parametrize("name", ["sd", "flux"])
+def test_shipped_model_loads_offline_and_generates_fast(name, monkeypatch):
+    if name not in available_toy_models():
+        pytest.skip(f"toy model {name!r} not shipped (no weights in {toy_model_dir(name)})")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    t0 = time.time()
+    pipe = load_toy_pipeline(name)
+    kw = toy_call_kwargs(name)
+    img = pipe("a large red circle on a plain white background", generator=torch.Generator().manual_seed(0),
+               **kw).images[0]
+    elapsed = time.time() - t0
+    side = toy_image_size(name)
+    assert img.size == (side, side)
+    arr = np.asarray(img)
+    assert arr.std() > 1.0  # not a constant image
+    assert elapsed < 10.0, f"load + generate took {elapsed:.1f} s"
+    # Default call (no size given) gives the native size too.
+    if name == "sd":
+        assert pipe.unet.config.sample_size * pipe.vae_scale_factor == side
+    total = sum(f.stat().st_size for f in toy_model_dir(name).rglob("*") if f.is_file())
+    assert total < 40 * 2**20
+
+
+@pytest.mark.parametrize("arch", ["sd", "flux"])
+def test_training_smoke_saves_resumes_and_reloads(arch, tmp_path):
+    out, state = tmp_path / "model", tmp_path / "state"
+    kw = dict(vae_steps=3, batch=4, size=32, tiny=True, state_dir=state, ckpt_every=2, threads=1, lr=2e-3)
+    t0 = time.time()
+    r1 = train(arch, out, steps=4, **kw)
+    assert (out / "model_index.json").is_file() and np.isfinite(r1["final_loss_avg"])
+    info = json.loads((out / "training.json").read_text())
+    assert info["steps_done"] == 4 and info["arch"] == arch
+    r2 = train(arch, out, steps=6, resume=True, **kw)  # continues from the step-4 checkpoint
+    assert json.loads((out / "training.json").read_text())["steps_done"] == 6
+    assert np.isfinite(r2["final_loss_avg"])
+    pipe = load_toy_pipeline(arch, path=out)
+    extra = {"max_sequence_length": 32} if arch == "flux" else {}
+    img = pipe("a small blue star on a plain gray background", height=32, width=32, num_inference_steps=2,
+               generator=torch.Generator().manual_seed(0), **extra).images[0]
+    assert img.size == (32, 32)
+    assert time.time() - t0 < 20

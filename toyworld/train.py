@@ -1,0 +1,536 @@
+"""Train the small toy-world text-to-image models (issue 8) in standard diffusers formats.
+
+    python -m attnlab.toyworld.train --arch sd --out models/toy/sd [--steps N] [--vae-steps N]
+        [--batch B] [--seed S] [--device cpu|cuda] [--resume] [--threads 1] [--decoder-every 1] [--decoder-noise 0.15]
+    python -m attnlab.toyworld.train --arch flux --out models/toy/flux --vae-from models/toy/sd
+
+Everything is generated on the fly: training sample ``i`` is ``sample_scene(TRAIN_SEED_BASE + i,
+n_objects=n_i)`` rendered at the model's size with ``caption(scene)`` as its prompt (``n_i`` drawn from
+``N_OBJECTS_P`` by a generator seeded with the scene seed). Evaluation (``evaluate.py``) uses seeds below
+``TRAIN_SEED_BASE``, so training and held-out scenes never share a seed.
+
+Architecture (``--arch sd``), a ``StableDiffusionPipeline`` folder:
+
+* ``tokenizer``: a word-level ``CLIPTokenizer`` over the toy grammar (:func:`make_toy_clip_tokenizer`):
+  CLIP's 256 byte symbols plus BPE merges that build every grammar word into one token, so any text
+  still tokenizes (unknown words fall back to pieces/bytes). ``model_max_length`` 32.
+* ``text_encoder``: ``CLIPTextModel`` width 128, 3 layers, trained from scratch jointly with the UNet.
+* ``vae``: ``AutoencoderKL`` with 3 blocks (4x downsampling), trained first
+  (phase 1) on renders, 16 latent channels; ``scaling_factor`` = 1 / latent std, ``shift_factor`` = latent mean (the FLUX
+  pipeline uses both, SD only the scale).
+* ``unet``: ``UNet2DConditionModel`` (32, 64, 128) channels, cross-attention at the two finer levels,
+  v-prediction, min-SNR-5 loss weighting, 10 % caption dropout for classifier-free guidance, EMA weights.
+  With ``--decoder-every N`` the VAE decoder (only) keeps training during this phase (see train_denoiser).
+* ``scheduler``: ``DPMSolverMultistepScheduler`` with the training betas (scaled_linear).
+
+``--arch flux``: ``FluxTransformer2DModel`` (flow matching, guidance-distilled embedding fed with a
+constant), CLIP (pooled) + T5 encoders, the same VAE (``--vae-from`` an SD folder, or trained here).
+
+Training state (optimiser, EMA, step) is checkpointed to ``--state-dir`` (default ``<repo>/out/toy_train/
+<arch>``, git-ignored) every ``--ckpt-every`` steps; ``--resume`` continues from it. The pipeline folder
+in ``--out`` (fp16 safetensors) is rewritten at every checkpoint, so a stopped run still leaves weights.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import math
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .scenes import (BACKGROUND_COLOURS, OBJECT_COLOURS, SHAPES, SIZES, STYLE_WORDS, caption, render_array,
+                     sample_scene)
+
+TRAIN_SEED_BASE = 1_000_000
+N_OBJECTS = (1, 2, 3, 4)
+N_OBJECTS_P = (0.35, 0.35, 0.15, 0.15)
+IMAGE_SIZE = 48
+LATENT_CHANNELS = 16  # 4x4x3 pixels -> 16 numbers: easy for a briefly trained VAE
+TEXT_MAX_LENGTH = 32
+CAPTION_DROPOUT = 0.1
+DEFAULT_STEPS = {"sd": 7000, "flux": 5000}  # the shipped SD recipe; FLUX: planned, not run yet
+VAE_SAMPLE_OFFSET = 100_000_000  # phase-1 samples: training indices from here on
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+# Every word the caption grammar and the referring expressions use.
+GRAMMAR_WORDS = sorted(set(
+    list(OBJECT_COLOURS) + list(BACKGROUND_COLOURS) + list(SHAPES) + list(SIZES) + list(STYLE_WORDS.values())
+    + "a an the of left right above below and on background with dots to gradient object objects".split()
+    + "leftmost rightmost topmost bottommost first second third fourth from top".split()
+))
+
+
+# ------------------------------------------------------------------------------------------ tokenizer
+
+def _bpe_merges(words: list[str]) -> list[tuple[str, str]]:
+    """Learn BPE merges on `words` (each once, CLIP-style "</w>" on the last symbol) until every word is
+    one symbol. Ties break on the pair itself, so the result is deterministic."""
+    seqs = [list(w[:-1]) + [w[-1] + "</w>"] for w in words]
+    merges: list[tuple[str, str]] = []
+    while True:
+        counts: dict[tuple[str, str], int] = {}
+        for s in seqs:
+            for pair in zip(s, s[1:]):
+                counts[pair] = counts.get(pair, 0) + 1
+        if not counts:
+            return merges
+        best = min(counts, key=lambda p: (-counts[p], p))
+        merges.append(best)
+        new = []
+        for s in seqs:
+            out, i = [], 0
+            while i < len(s):
+                if i + 1 < len(s) and (s[i], s[i + 1]) == best:
+                    out.append(s[i] + s[i + 1])
+                    i += 2
+                else:
+                    out.append(s[i])
+                    i += 1
+            new.append(out)
+        seqs = new
+
+
+def toy_clip_vocab() -> tuple[dict[str, int], list[tuple[str, str]]]:
+    from ..models.offline_tokenizers import CLIP_BOS, CLIP_EOS, clip_vocab
+
+    base = clip_vocab()
+    vocab = {k: v for k, v in base.items() if k not in (CLIP_BOS, CLIP_EOS)}
+    merges = _bpe_merges(GRAMMAR_WORDS)
+    for a, b in merges:
+        if a + b not in vocab:
+            vocab[a + b] = len(vocab)
+    vocab[CLIP_BOS] = len(vocab)
+    vocab[CLIP_EOS] = len(vocab)
+    return vocab, merges
+
+
+def make_toy_clip_tokenizer(model_max_length: int = TEXT_MAX_LENGTH):
+    """Word-level CLIPTokenizer for the toy grammar (every grammar word is one token); round-trips through
+    save_pretrained / from_pretrained like any CLIP tokenizer."""
+    from transformers import CLIPTokenizer
+
+    from ..models.offline_tokenizers import CLIP_BOS, CLIP_EOS
+
+    vocab, merges = toy_clip_vocab()
+    return CLIPTokenizer(vocab=vocab, merges=[(a, b) for a, b in merges], unk_token=CLIP_EOS,
+                         bos_token=CLIP_BOS, eos_token=CLIP_EOS, pad_token=CLIP_EOS,
+                         model_max_length=int(model_max_length))
+
+
+def toy_clip_ids() -> dict[str, int]:
+    from ..models.offline_tokenizers import CLIP_BOS, CLIP_EOS
+
+    vocab, _ = toy_clip_vocab()
+    return {"vocab_size": len(vocab), "bos_token_id": vocab[CLIP_BOS], "eos_token_id": vocab[CLIP_EOS],
+            "pad_token_id": vocab[CLIP_EOS]}
+
+
+# -------------------------------------------------------------------------------------------- configs
+
+def specs(arch: str, size: int = IMAGE_SIZE, tiny: bool = False) -> dict[str, dict]:
+    """Config dicts per component. ``tiny=True`` shrinks everything for smoke tests."""
+    if arch not in ("sd", "flux"):
+        raise ValueError(f"arch must be 'sd' or 'flux', got {arch!r}")
+    ids = toy_clip_ids()
+    vae_blocks = [8, 8, 16] if tiny else [16, 32, 64]
+    vae = dict(in_channels=3, out_channels=3, down_block_types=["DownEncoderBlock2D"] * 3,
+               up_block_types=["UpDecoderBlock2D"] * 3, block_out_channels=vae_blocks, layers_per_block=1,
+               latent_channels=LATENT_CHANNELS, norm_num_groups=8 if tiny else 16, sample_size=size,
+               scaling_factor=1.0, shift_factor=0.0)
+    width = 32 if tiny else 128
+    clip = dict(hidden_size=width, intermediate_size=2 * width, num_attention_heads=4,
+                num_hidden_layers=1 if tiny else 3, max_position_embeddings=TEXT_MAX_LENGTH, hidden_act="quick_gelu",
+                layer_norm_eps=1e-5, attention_dropout=0.0, dropout=0.0, **ids)
+    latent = size // 4
+    if arch == "sd":
+        unet = dict(sample_size=latent, in_channels=LATENT_CHANNELS, out_channels=LATENT_CHANNELS,
+                    block_out_channels=(16, 16, 32) if tiny else (32, 64, 128), layers_per_block=1,
+                    down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+                    up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+                    attention_head_dim=(2, 4, 4),  # = number of heads in UNet2DConditionModel
+                    cross_attention_dim=width, norm_num_groups=8)
+        sched = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                     prediction_type="v_prediction", steps_offset=1)
+        return {"vae": vae, "text_encoder": clip, "unet": unet, "scheduler": sched}
+    t5 = dict(d_model=width, d_ff=2 * width, d_kv=width // 4, num_heads=4, num_layers=1 if tiny else 3,
+              relative_attention_num_buckets=8, dropout_rate=0.0)
+    from ..models.offline_tokenizers import t5_token_ids
+    t5.update(t5_token_ids())
+    heads, head_dim = (2, 16) if tiny else (4, 32)
+    transformer = dict(patch_size=1, in_channels=4 * LATENT_CHANNELS, out_channels=None, num_layers=1 if tiny else 2,
+                       num_single_layers=1 if tiny else 4, attention_head_dim=head_dim, num_attention_heads=heads,
+                       joint_attention_dim=width, pooled_projection_dim=width, guidance_embeds=False,
+                       axes_dims_rope=(4, 6, 6) if tiny else (8, 12, 12))
+    sched = dict(num_train_timesteps=1000, shift=1.0, use_dynamic_shifting=False)
+    return {"vae": vae, "text_encoder": clip, "text_encoder_2": t5, "transformer": transformer, "scheduler": sched}
+
+
+# ----------------------------------------------------------------------------------------------- data
+
+def scene_for_index(i: int):
+    seed = TRAIN_SEED_BASE + int(i)
+    n = int(np.random.default_rng([seed, 7]).choice(N_OBJECTS, p=N_OBJECTS_P))
+    return sample_scene(seed, n_objects=n)
+
+
+def batch_at(start: int, batch: int, size: int) -> tuple[torch.Tensor, list[str]]:
+    """Images in [-1, 1] (B, 3, size, size) and captions for training samples start..start+batch-1."""
+    imgs, caps = [], []
+    for i in range(start, start + batch):
+        sc = scene_for_index(i)
+        imgs.append(render_array(sc, size))
+        caps.append(caption(sc))
+    x = torch.from_numpy(np.stack(imgs)).permute(0, 3, 1, 2).float() / 127.5 - 1.0
+    return x, caps
+
+
+# --------------------------------------------------------------------------------------------- models
+
+def build_components(arch: str, size: int = IMAGE_SIZE, tiny: bool = False, seed: int = 0) -> dict:
+    import diffusers
+    from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
+
+    sp = specs(arch, size, tiny)
+    torch.manual_seed(seed)
+    out = {"vae": diffusers.AutoencoderKL(**sp["vae"]),
+           "text_encoder": CLIPTextModel(CLIPTextConfig(**sp["text_encoder"])),
+           "tokenizer": make_toy_clip_tokenizer()}
+    if arch == "sd":
+        out["unet"] = diffusers.UNet2DConditionModel(**sp["unet"])
+        out["scheduler"] = diffusers.DPMSolverMultistepScheduler(**sp["scheduler"])
+        out["train_scheduler"] = diffusers.DDPMScheduler(**sp["scheduler"])
+    else:
+        from ..models.offline_tokenizers import make_t5_tokenizer
+        out["text_encoder_2"] = T5EncoderModel(T5Config(**sp["text_encoder_2"]))
+        out["tokenizer_2"] = make_t5_tokenizer(TEXT_MAX_LENGTH)
+        out["transformer"] = diffusers.FluxTransformer2DModel(**sp["transformer"])
+        out["scheduler"] = diffusers.FlowMatchEulerDiscreteScheduler(**sp["scheduler"])
+    return out
+
+
+def make_pipeline(arch: str, comps: dict):
+    import diffusers
+
+    if arch == "sd":
+        pipe = diffusers.StableDiffusionPipeline(
+            vae=comps["vae"], text_encoder=comps["text_encoder"], tokenizer=comps["tokenizer"], unet=comps["unet"],
+            scheduler=comps["scheduler"], safety_checker=None, feature_extractor=None, image_encoder=None,
+            requires_safety_checker=False)
+    else:
+        pipe = diffusers.FluxPipeline(
+            scheduler=comps["scheduler"], vae=comps["vae"], text_encoder=comps["text_encoder"],
+            tokenizer=comps["tokenizer"], text_encoder_2=comps["text_encoder_2"], tokenizer_2=comps["tokenizer_2"],
+            transformer=comps["transformer"])
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def save_pipeline(arch: str, comps: dict, out: str | Path, meta: dict) -> None:
+    """Write the diffusers folder with fp16 safetensors weights (copies; training modules stay fp32)."""
+    out = Path(out)
+    half = {k: (copy.deepcopy(v).to("cpu", torch.float16).eval() if isinstance(v, torch.nn.Module) else v)
+            for k, v in comps.items() if k != "train_scheduler"}
+    pipe = make_pipeline(arch, half)
+    out.mkdir(parents=True, exist_ok=True)
+    pipe.save_pretrained(str(out), safe_serialization=True)
+    (out / "training.json").write_text(json.dumps(meta, indent=2) + "\n")
+
+
+# ------------------------------------------------------------------------------------------- training
+
+def _lr_at(step: int, total: int, lr: float, warmup: int = 100) -> float:
+    if step < warmup:
+        return lr * (step + 1) / warmup
+    p = min(1.0, (step - warmup) / max(1, total - warmup))
+    return lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * p)))
+
+
+@torch.no_grad()
+def _ema_update(ema: torch.nn.Module, model: torch.nn.Module, step: int, decay: float) -> None:
+    d = min(decay, (1 + step) / (10 + step))
+    for pe, pm in zip(ema.parameters(), model.parameters()):
+        pe.mul_(d).add_(pm.detach(), alpha=1 - d)
+
+
+def _log(fh, msg: str) -> None:
+    line = f"[{time.strftime('%H:%M:%S')}] {msg}"
+    print(line, flush=True)
+    if fh is not None:
+        fh.write(line + "\n")
+        fh.flush()
+
+
+def train_vae(vae, *, steps: int, batch: int, size: int, device: str, state_dir: Path, resume: bool, seed: int,
+              lr: float = 1e-3, ckpt_every: int = 200, log=None) -> dict:
+    """Phase 1: reconstruction (L1 + MSE) with a tiny KL term. Returns {"mean", "std"} of the latents."""
+    path = state_dir / "vae.pt"
+    opt = torch.optim.AdamW(vae.parameters(), lr=lr, weight_decay=0.0)
+    start = 0
+    if resume and path.exists():
+        st = torch.load(path, map_location="cpu", weights_only=False)
+        vae.load_state_dict(st["model"])
+        opt.load_state_dict(st["opt"])
+        start = st["step"]
+        _log(log, f"vae: resumed at step {start}")
+    vae.to(device).train()
+    gen = torch.Generator(device="cpu")
+    t0 = time.time()
+    for step in range(start, steps):
+        for g in opt.param_groups:
+            g["lr"] = _lr_at(step, steps, lr, warmup=50)
+        x, _ = batch_at(VAE_SAMPLE_OFFSET + step * batch, batch, size)
+        x = x.to(device)
+        gen.manual_seed(seed * 1_000_003 + step)
+        post = vae.encode(x).latent_dist
+        z = post.mean + post.std * torch.randn(post.mean.shape, generator=gen).to(device)
+        rec = vae.decode(z).sample
+        kl = post.kl().mean() / x[0].numel()
+        loss = (rec - x).abs().mean() + ((rec - x) ** 2).mean() + 1e-4 * kl
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
+        opt.step()
+        if step % 25 == 0 or step == steps - 1:
+            _log(log, f"vae step {step} loss {loss.item():.4f} kl {kl.item():.3f} ({time.time() - t0:.0f}s)")
+        if (step + 1) % ckpt_every == 0 or step == steps - 1:
+            torch.save({"model": vae.state_dict(), "opt": opt.state_dict(), "step": step + 1}, path)
+    vae.eval()
+    # Latent statistics over 512 held-in scenes (for scaling_factor / shift_factor).
+    with torch.no_grad():
+        zs = []
+        for b in range(0, 512, 64):
+            x, _ = batch_at(b, 64, size)
+            zs.append(vae.encode(x.to(device)).latent_dist.mean.cpu())
+        z = torch.cat(zs)
+    stats = {"mean": float(z.mean()), "std": float(z.std())}
+    _log(log, f"vae latents mean {stats['mean']:.4f} std {stats['std']:.4f}; train time {time.time() - t0:.0f}s")
+    return stats
+
+
+def _encode_text_sd(comps, caps: list[str], device: str) -> torch.Tensor:
+    ids = comps["tokenizer"](caps, padding="max_length", max_length=comps["tokenizer"].model_max_length,
+                             truncation=True, return_tensors="pt").input_ids.to(device)
+    return comps["text_encoder"](ids)[0]
+
+
+def train_denoiser(arch: str, comps: dict, *, steps: int, batch: int, size: int, device: str, state_dir: Path,
+                   resume: bool, seed: int, out: Path, lr: float, ckpt_every: int, meta: dict, log=None,
+                   ema_decay: float = 0.999, decoder_every: int = 0, decoder_lr: float = 3e-4,
+                   decoder_noise: float = 0.15) -> dict:
+    """Phase 2: train the UNet (SD, v-prediction) or transformer (FLUX, flow matching) jointly with the
+    text encoder(s), on latents of the frozen VAE encoder.
+
+    decoder_every > 0: every that many steps also take one reconstruction step on the VAE *decoder* only
+    (half the batch). The encoder stays frozen, so the latents the denoiser learns do not move, while the
+    briefly trained decoder keeps sharpening. decoder_noise: the decoder sees latents plus Gaussian noise of
+    std U(0, decoder_noise) (in units of the scaled latent), so it tolerates the small errors of sampled latents."""
+    vae = comps["vae"].to(device).eval().requires_grad_(False)
+    dec_params = list(vae.decoder.parameters()) + (list(vae.post_quant_conv.parameters())
+                                                   if vae.post_quant_conv is not None else [])
+    dec_opt = torch.optim.AdamW(dec_params, lr=decoder_lr, weight_decay=0.0) if decoder_every > 0 else None
+    den_name = "unet" if arch == "sd" else "transformer"
+    trainable = [den_name, "text_encoder"] + (["text_encoder_2"] if arch == "flux" else [])
+    mods = {k: comps[k].to(device).train() for k in trainable}
+    ema = {k: copy.deepcopy(m).eval().requires_grad_(False) for k, m in mods.items()}
+    params = [p for m in mods.values() for p in m.parameters()]
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.01)
+    path = state_dir / f"{arch}_denoiser.pt"
+    start, elapsed0 = 0, 0.0
+    if resume and path.exists():
+        st = torch.load(path, map_location="cpu", weights_only=False)
+        for k in trainable:
+            mods[k].load_state_dict(st["model"][k])
+            ema[k].load_state_dict(st["ema"][k])
+        opt.load_state_dict(st["opt"])
+        if "vae" in st:
+            vae.load_state_dict(st["vae"])
+            if dec_opt is not None and st.get("dec_opt") is not None:
+                dec_opt.load_state_dict(st["dec_opt"])
+        start, elapsed0 = st["step"], st.get("elapsed", 0.0)
+        _log(log, f"{arch}: resumed at step {start}")
+    scale, shift = vae.config.scaling_factor, vae.config.shift_factor or 0.0
+    gen = torch.Generator(device="cpu")
+    t0 = time.time()
+    loss_avg = dec_avg = None
+    for step in range(start, steps):
+        for g in opt.param_groups:
+            g["lr"] = _lr_at(step, steps, lr)
+        x, caps = batch_at(step * batch, batch, size)
+        gen.manual_seed(seed * 1_000_003 + step)
+        drop = torch.rand(batch, generator=gen) < CAPTION_DROPOUT
+        caps = ["" if d else c for d, c in zip(drop.tolist(), caps)]
+        with torch.no_grad():
+            post = vae.encode(x.to(device)).latent_dist
+            z = post.mean + post.std * torch.randn(post.mean.shape, generator=gen).to(device)
+        noise = torch.randn(z.shape, generator=gen).to(device)
+        if arch == "sd":
+            lat = z * scale
+            sch = comps["train_scheduler"]
+            t = torch.randint(0, sch.config.num_train_timesteps, (batch,), generator=gen).to(device)
+            noisy = sch.add_noise(lat, noise, t)
+            target = sch.get_velocity(lat, noise, t)
+            pred = mods["unet"](noisy, t, _encode_text_sd({**comps, **mods}, caps, device)).sample
+            ac = sch.alphas_cumprod.to(device)[t]
+            snr = ac / (1 - ac)
+            w = torch.clamp(snr, max=5.0) / (snr + 1)  # min-SNR-5 for v-prediction
+            loss = (w * ((pred - target) ** 2).mean(dim=(1, 2, 3))).mean()
+        else:
+            loss = _flux_loss(comps, mods, z, noise, caps, gen, device, scale, shift)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        for k in trainable:
+            _ema_update(ema[k], mods[k], step, ema_decay)
+        if dec_opt is not None and step % decoder_every == 0:
+            for g in dec_opt.param_groups:
+                g["lr"] = _lr_at(step, steps, decoder_lr, warmup=0)
+            xd = x[: max(1, batch // 2)].to(device)
+            vae.decoder.train().requires_grad_(True)
+            if vae.post_quant_conv is not None:
+                vae.post_quant_conv.requires_grad_(True)
+            zd = z[: xd.shape[0]]
+            if decoder_noise > 0:
+                amp = torch.rand(zd.shape[0], 1, 1, 1, generator=gen) * decoder_noise / scale
+                zd = zd + (amp * torch.randn(zd.shape, generator=gen)).to(device)
+            rec = vae.decode(zd).sample
+            dec_loss = (rec - xd).abs().mean() + ((rec - xd) ** 2).mean()
+            dec_opt.zero_grad(set_to_none=True)
+            dec_loss.backward()
+            torch.nn.utils.clip_grad_norm_(dec_params, 1.0)
+            dec_opt.step()
+            vae.eval().requires_grad_(False)
+            dec_avg = dec_loss.item() if dec_avg is None else 0.95 * dec_avg + 0.05 * dec_loss.item()
+        loss_avg = loss.item() if loss_avg is None else 0.98 * loss_avg + 0.02 * loss.item()
+        elapsed = elapsed0 + time.time() - t0
+        if step % 25 == 0 or step == steps - 1:
+            dec = f" dec {dec_avg:.4f}" if dec_avg is not None else ""
+            _log(log, f"{arch} step {step} loss {loss.item():.4f} avg {loss_avg:.4f} lr {opt.param_groups[0]['lr']:.2e}"
+                      f"{dec} ({elapsed:.0f}s)")
+        if (step + 1) % ckpt_every == 0 or step == steps - 1:
+            torch.save({"model": {k: m.state_dict() for k, m in mods.items()},
+                        "ema": {k: m.state_dict() for k, m in ema.items()}, "opt": opt.state_dict(),
+                        "step": step + 1, "elapsed": elapsed, "vae": vae.state_dict(),
+                        "dec_opt": dec_opt.state_dict() if dec_opt is not None else None}, path)
+            info = dict(meta, steps_done=step + 1, denoiser_wall_s=round(elapsed, 1), final_loss_avg=loss_avg)
+            save_pipeline(arch, {**comps, **{k: ema[k] for k in trainable}}, out, info)
+            _log(log, f"{arch}: checkpoint + pipeline saved at step {step + 1}")
+    return {"final_loss_avg": loss_avg, "elapsed": elapsed0 + time.time() - t0}
+
+
+def _flux_loss(comps, mods, z, noise, caps, gen, device, scale, shift):
+    """Rectified-flow loss for FLUX: x_t = (1 - s) x0 + s noise, target noise - x0 (as FluxPipeline samples)."""
+    from diffusers import FluxPipeline
+
+    lat = (z - shift) * scale
+    b, c, h, w = lat.shape
+    s = torch.sigmoid(torch.randn(b, generator=gen)).to(device)  # logit-normal timesteps
+    xt = (1 - s[:, None, None, None]) * lat + s[:, None, None, None] * noise
+    target = noise - lat
+    packed = FluxPipeline._pack_latents(xt, b, c, h, w)
+    img_ids = FluxPipeline._prepare_latent_image_ids(b, h // 2, w // 2, device, lat.dtype)
+    tok = comps["tokenizer"](caps, padding="max_length", max_length=comps["tokenizer"].model_max_length,
+                             truncation=True, return_tensors="pt").input_ids.to(device)
+    pooled = mods["text_encoder"](tok).pooler_output
+    tok2 = comps["tokenizer_2"](caps, padding="max_length", max_length=TEXT_MAX_LENGTH, truncation=True,
+                                return_tensors="pt").input_ids.to(device)
+    t5 = mods["text_encoder_2"](tok2)[0]
+    txt_ids = torch.zeros(t5.shape[1], 3, device=device, dtype=lat.dtype)
+    pred = mods["transformer"](hidden_states=packed, timestep=s, guidance=None, pooled_projections=pooled,
+                               encoder_hidden_states=t5, txt_ids=txt_ids, img_ids=img_ids).sample
+    pred = FluxPipeline._unpack_latents(pred, h * 4, w * 4, 4)  # (height, width, vae_scale_factor)
+    return ((pred - target) ** 2).mean()
+
+
+def train(arch: str, out: str | Path, *, steps: int, vae_steps: int, batch: int, seed: int = 0, device: str = "cpu",
+          resume: bool = False, size: int = IMAGE_SIZE, lr: float = 5e-4, state_dir: str | Path | None = None,
+          vae_from: str | Path | None = None, ckpt_every: int = 250, tiny: bool = False, threads: int | None = 1,
+          log_file: str | Path | None = None, decoder_every: int | None = None, decoder_noise: float = 0.15) -> dict:
+    if threads:
+        torch.set_num_threads(int(threads))
+    out = Path(out)
+    state_dir = Path(state_dir) if state_dir else REPO_ROOT / "out" / "toy_train" / arch
+    state_dir.mkdir(parents=True, exist_ok=True)
+    log = open(log_file, "a") if log_file else None
+    t_start = time.time()
+    comps = build_components(arch, size, tiny, seed)
+    meta = {"command": f"python -m attnlab.toyworld.train --arch {arch} --out {out} --steps {steps} "
+                       f"--vae-steps {vae_steps} --batch {batch} --seed {seed} --device {device}",
+            "arch": arch, "size": size, "steps": steps, "vae_steps": vae_steps, "batch": batch, "seed": seed,
+            "lr": lr, "device": device, "threads": threads, "train_seed_base": TRAIN_SEED_BASE,
+            "n_objects_p": dict(zip(map(str, N_OBJECTS), N_OBJECTS_P)), "caption_dropout": CAPTION_DROPOUT,
+            "torch": torch.__version__}
+    if decoder_every is None:  # keep sharpening our own decoder; a borrowed VAE stays as it is
+        decoder_every = 0 if vae_from else 1
+    meta["decoder_every"], meta["decoder_noise"] = decoder_every, decoder_noise
+    meta["command"] += f" --decoder-every {decoder_every} --decoder-noise {decoder_noise}" + (f" --vae-from {vae_from}" if vae_from else "")
+    stats_path = state_dir / "vae_stats.json"
+    if vae_from:
+        import diffusers
+        src = diffusers.AutoencoderKL.from_pretrained(str(Path(vae_from) / "vae"), dtype=torch.float32)
+        comps["vae"] = src
+        meta["vae_from"] = str(vae_from)
+        _log(log, f"vae loaded from {vae_from}")
+    else:
+        if resume and stats_path.exists():
+            comps["vae"].load_state_dict(torch.load(state_dir / "vae.pt", map_location="cpu",
+                                                    weights_only=False)["model"])
+            stats = json.loads(stats_path.read_text())
+            _log(log, "vae: phase 1 already done, loaded")
+        else:
+            t_vae = time.time()
+            stats = train_vae(comps["vae"], steps=vae_steps, batch=max(8, batch // 2), size=size, device=device,
+                              state_dir=state_dir, resume=resume, seed=seed, log=log)
+            stats["wall_s"] = round(time.time() - t_vae, 1)
+            stats_path.write_text(json.dumps(stats))
+        comps["vae"].register_to_config(scaling_factor=1.0 / stats["std"], shift_factor=stats["mean"])
+        meta["vae_latent_stats"] = stats
+    comps["vae"] = comps["vae"].to("cpu").float()
+    res = train_denoiser(arch, comps, steps=steps, batch=batch, size=size, device=device, state_dir=state_dir,
+                         resume=resume, seed=seed, out=out, lr=lr, ckpt_every=ckpt_every, meta=meta, log=log,
+                         decoder_every=decoder_every, decoder_noise=decoder_noise)
+    res["total_wall_s"] = time.time() - t_start
+    _log(log, f"done: {res}")
+    if log:
+        log.close()
+    return res
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--arch", choices=("sd", "flux"), default="sd")
+    p.add_argument("--out", required=True)
+    p.add_argument("--steps", type=int, default=None,
+                   help=f"denoiser (+ text encoder) steps (default: {DEFAULT_STEPS})")
+    p.add_argument("--vae-steps", type=int, default=2000, help="VAE steps (phase 1; batch = --batch / 2)")
+    p.add_argument("--batch", type=int, default=32)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="cpu", help="cpu or cuda (cuda path prepared, untested here)")
+    p.add_argument("--lr", type=float, default=5e-4)
+    p.add_argument("--size", type=int, default=IMAGE_SIZE)
+    p.add_argument("--resume", action="store_true")
+    p.add_argument("--state-dir", default=None)
+    p.add_argument("--vae-from", default=None, help="reuse the VAE of a saved pipeline folder (e.g. models/toy/sd)")
+    p.add_argument("--ckpt-every", type=int, default=250)
+    p.add_argument("--threads", type=int, default=1, help="torch CPU threads (0 = torch default)")
+    p.add_argument("--decoder-every", type=int, default=None,
+                   help="one VAE-decoder step every N denoiser steps (default 1; 0 with --vae-from)")
+    p.add_argument("--decoder-noise", type=float, default=0.15, help="latent noise for the decoder steps")
+    p.add_argument("--tiny", action="store_true", help="tiny components (smoke tests)")
+    p.add_argument("--log-file", default=None)
+    a = p.parse_args(argv)
+    if a.device.startswith("cuda") and not torch.cuda.is_available():
+        raise SystemExit("--device cuda requested but torch.cuda.is_available() is False")
+    train(a.arch, a.out, steps=a.steps if a.steps is not None else DEFAULT_STEPS[a.arch], vae_steps=a.vae_steps, batch=a.batch, seed=a.seed, device=a.device,
+          resume=a.resume, size=a.size, lr=a.lr, state_dir=a.state_dir, vae_from=a.vae_from,
+          ckpt_every=a.ckpt_every, tiny=a.tiny, threads=a.threads, log_file=a.log_file, decoder_every=a.decoder_every,
+          decoder_noise=a.decoder_noise)
+
+
+if __name__ == "__main__":
+    main()
