@@ -12,11 +12,12 @@ import os
 from . import runs
 
 TITLE = "attnlab — training-free attention methods"
-INTRO = ("Every tab runs a method of the pack off and on with the same seed. The embedded **toy-sd** / **toy-flux** "
-         "models were trained by the pack on its synthetic toy world (coloured shapes on patterned backgrounds, "
-         "48 px): prompts in that world's grammar work best, e.g. *a large red circle left of a small blue square on "
-         "a plain white background*. The *tiny-** models have random weights (plumbing only). Type a local "
-         "diffusers folder (or a hub id, with internet) for real models.")
+INTRO = ("Every tab runs a method of the pack off and on with the same seed. The embedded **toy-sd** model was "
+         "trained by the pack on its synthetic toy world (coloured shapes on patterned backgrounds, 48 px): "
+         "prompts in that world's grammar work best, e.g. *a large red "
+         "circle left of a small blue square on a plain white background*; it is small and follows prompts only "
+         "loosely. The *tiny-** models have random weights (plumbing only). Type a local diffusers folder (or a hub "
+         "id, with internet) for real models.")
 
 
 def _ui_errors(fn):
@@ -50,9 +51,9 @@ def _results(prefix: str, labels, kind: str = "image"):
 
     with gr.Row():
         if kind == "gallery":
-            outs = [gr.Gallery(label=text, columns=3, elem_id=f"{prefix}-{i}") for i, text in enumerate(labels)]
+            outs = [gr.Gallery(label=text, columns=3, height=240, elem_id=f"{prefix}-{i}") for i, text in enumerate(labels)]
         else:
-            outs = [gr.Image(label=text, elem_id=f"{prefix}-{i}") for i, text in enumerate(labels)]
+            outs = [gr.Image(label=text, height=240, elem_id=f"{prefix}-{i}") for i, text in enumerate(labels)]
     return outs + [gr.Textbox(label="Details", elem_id=f"{prefix}-info")]
 
 
@@ -85,7 +86,7 @@ def build_app(store: runs.ModelStore | None = None):
         with gr.Tab("RefAM", elem_id="tab-refam"):
             with gr.Row():
                 with gr.Column():
-                    ra_image = gr.Image(type="pil", label="Image", elem_id="ra-image")
+                    ra_image = gr.Image(type="pil", label="Image", height=240, elem_id="ra-image")
                     with gr.Row():
                         ra_seed = gr.Number(0, precision=0, label="Scene seed")
                         ra_scene = gr.Button("Make a toy scene", elem_id="ra-scene")
