@@ -237,19 +237,7 @@ def test_no_dense_mask_two_kernel_calls():
         seen.append((q.shape, k.shape, mask))
         return sdpa(q, k, v, mask, scale)
 
-    class Allocs(TorchDispatchMode):
-        def __init__(self):
-            super().__init__()
-            self.shapes = []
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            out = func(*args, **(kwargs or {}))
-            for t in (out if isinstance(out, (tuple, list)) else (out,)):
-                if torch.is_tensor(t):
-                    self.shapes.append(tuple(t.shape))
-            return out
-
-    with Allocs() as allocs:
+    with Shapes() as allocs:
         _run(AlignedGen(), call, kernel)
     n_ext = N + ROWS * COLS
     assert [s[2] for s in seen] == [None, None]
