@@ -307,9 +307,7 @@ def run_freeswim(store: ModelStore, model: str, prompt: str, scale: float, steps
     if not 1.0 < float(scale) <= 4.0:
         raise ValueError(f"target size must be more than 1× and at most 4× the native size; got {scale}")
     loaded = store.get(model)
-    if loaded.family not in ("flux", "wan"):
-        raise ValueError(f"the FreeSwim tab runs on FLUX or Wan models; {model} is a {loaded.family} model")
-    swim = FreeSwimPipeline.from_pipe(loaded.pipe)
+    swim = FreeSwimPipeline.from_pipe(loaded.pipe)  # raises for pipelines it cannot drive
     mult = swim.multiple
     h, w = (max(mult, round(s * float(scale) / mult) * mult) for s in loaded.native)
     call = _call(model, loaded, prompt, h, w, steps, 5.0 if loaded.family != "flux" else 3.5)

@@ -50,8 +50,10 @@ def test_alignedgen_and_freeswim_tabs():
         runs.run_alignedgen(store, "tiny-sd15", "one prompt", 2, 0)
     direct, swum, info = runs.run_freeswim(store, "tiny-flux", "a red circle", 2.0, 2, 0)
     assert direct.size == swum.size == (128, 128) and "FreeSwim" in info
-    with pytest.raises(ValueError, match="FLUX or Wan"):
-        runs.run_freeswim(store, "tiny-sd15", "a red circle", 2.0, 2, 0)
+    direct, swum, info = runs.run_freeswim(store, "tiny-sd15", "a red circle", 2.0, 2, 0)  # SD1.5: img2img stage 2
+    assert direct.size == swum.size == (128, 128)
+    with pytest.raises(ValueError, match="FreeSwimPipeline drives"):
+        runs.run_freeswim(store, "tiny-pixart", "a red circle", 2.0, 2, 0)
     with pytest.raises(ValueError, match="target size"):
         runs.run_freeswim(store, "tiny-flux", "a red circle", 1.0, 2, 0)
 
