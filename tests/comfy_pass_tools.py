@@ -55,6 +55,23 @@ def record_batches(patcher, backend, outputs=False):
     return log
 
 
+def guided_passes(patched, backend, family, role, steps, cfg):
+    """Sample with the guidance node(s) on `patched`; returns (outputs of ComfyUI's own cond/uncond calls,
+    outputs of the extra passes with `role`, what a later post-CFG function receives as "denoised"), per step."""
+    log = record_batches(patched, backend, outputs=True)
+    results = []
+
+    def after(args):  # a later post-CFG function sees our result as "denoised"
+        results.append(args["denoised"])
+        return args["denoised"]
+
+    patched.set_model_sampler_post_cfg_function(after)
+    backend.sample_tiny(patched, family, steps=steps, cfg=cfg)
+    normal = [o for *_, r, _, o in log if r is None]
+    extra = [o for *_, r, _, o in log if r == role]
+    return normal, extra, results
+
+
 class Probe(Effect):
     """Records (call, output of the stages below) per call, at `stage` ("observe": after every other effect;
     "kernel": what the stages above hand down). Shared by the clones ComfyUI deep-copies."""

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 import fake_comfy
-from comfy_pass_tools import Probe, parametrize_backends, record_batches, tiny
+from comfy_pass_tools import Probe, guided_passes, parametrize_backends, record_batches, tiny
 from attnlab.nodes import NODE_SPECS
 from attnlab.nodes.eraser import ATTENTIVE_ERASER, mask_batch
 from attnlab.processors.eraser import REDIRECTED, AttentiveEraser, token_mask
@@ -161,17 +161,7 @@ def test_sarg_arithmetic_is_exactly_denoised_plus_s_times_extra_minus_cond(backe
     model = tiny(backend, family, cache)
     s = 9.0
     patched = node(model, scale=s)
-    log = record_batches(patched, backend, outputs=True)
-    results = []
-
-    def after(args):  # a later post-CFG function sees our result as "denoised"
-        results.append(args["denoised"])
-        return args["denoised"]
-
-    patched.set_model_sampler_post_cfg_function(after)
-    sample(backend, patched, family, steps=2, cfg=cfg)
-    normal = [o for *_, role, _, o in log if role is None]
-    extra = [o for *_, role, _, o in log if role == REDIRECTED]
+    normal, extra, results = guided_passes(patched, backend, family, REDIRECTED, steps=2, cfg=cfg)
     assert len(normal) == len(extra) == len(results) == 2
     for (cond, uncond), (aas,), got in zip(normal, extra, results):
         denoised = cond if cfg == 1.0 else uncond + (cond - uncond) * cfg
@@ -183,11 +173,8 @@ def test_sarg_arithmetic_is_exactly_denoised_plus_s_times_extra_minus_cond(backe
 def test_scale_1_is_pure_redirected_sampling(backend, cache):
     model = tiny(backend, "sd15", cache)
     patched = node(model, scale=1.0)
-    log = record_batches(patched, backend, outputs=True)
-    results = []
-    patched.set_model_sampler_post_cfg_function(lambda args: results.append(args["denoised"]) or args["denoised"])
-    sample(backend, patched, "sd15", steps=1)
-    (aas,) = next(o for *_, role, _, o in log if role == REDIRECTED)
+    _, extra, results = guided_passes(patched, backend, "sd15", REDIRECTED, steps=1, cfg=1.0)
+    (aas,) = extra[0]
     assert torch.allclose(results[0], aas, atol=1e-5)
 
 

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import fake_comfy
-from comfy_pass_tools import Probe, parametrize_backends, record_batches, tiny
+from comfy_pass_tools import Probe, guided_passes, parametrize_backends, record_batches, tiny
 from attnlab.nodes import NODE_SPECS
 from attnlab.nodes.softpag import SOFTPAG
 from attnlab.processors import Recorder
@@ -237,17 +237,7 @@ def test_guidance_arithmetic_matches_the_passes_exactly(backend, family, cfg, ca
     model, _ = stock(backend, family, cache)
     w = 2.5
     patched = node(model, heads=HEADS[family], scale=w, u=0.5)
-    log = record_batches(patched, backend, outputs=True)
-    results = []
-
-    def after(args):  # a later post-CFG function sees our result as "denoised"
-        results.append(args["denoised"])
-        return args["denoised"]
-
-    patched.set_model_sampler_post_cfg_function(after)
-    sample(backend, patched, family, steps=2, cfg=cfg)
-    normal = [o for *_, role, _, o in log if role is None]
-    extra = [o for *_, role, _, o in log if role == "perturbed"]
+    normal, extra, results = guided_passes(patched, backend, family, "perturbed", steps=2, cfg=cfg)
     assert len(normal) == len(extra) == len(results) == 2
     for (cond, uncond), (ptb,), got in zip(normal, extra, results):
         cfg_result = uncond + (cond - uncond) * cfg  # ComfyUI's CFG (cfg 1: uncond is zeros, cfg_result == cond)
