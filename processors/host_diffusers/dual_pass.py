@@ -17,7 +17,7 @@ import torch
 from diffusers.hooks.hooks import ModelHook
 
 from .guidance import _sample_of, _with_sample, take_rows
-from .run_state import attach_hook, detach_hook, watch_encode_prompt
+from .run_state import attach_hook, detach_hook, forward_arg, watch_encode_prompt
 
 HOOK_NAME = "attnlab_freeswim_dual_pass"
 
@@ -40,10 +40,7 @@ class DualPassHook(ModelHook):
         return module
 
     def _arg(self, args, kwargs, name):
-        if name in kwargs:
-            return kwargs[name]
-        i = self._names.index(name) if name in self._names else None
-        return args[i] if i is not None and i < len(args) else None
+        return forward_arg(self._names, args, kwargs, name)
 
     def new_forward(self, module, *args, **kwargs):
         forward = self.fn_ref.original_forward

@@ -133,6 +133,15 @@ class RunState:
         return self._run_first
 
 
+def forward_arg(names, args, kwargs, name):
+    """Argument `name` of a forward call given positionally or by keyword (`names`: the forward's parameter
+    names in order); None when absent."""
+    if name in kwargs:
+        return kwargs[name]
+    i = names.index(name) if name in names else None
+    return args[i] if i is not None and i < len(args) else None
+
+
 class RunStateHook(ModelHook):
     """Fills the RunState from the denoiser's forward arguments. Stateful so that diffusers pushes the
     pipeline's cache context into it."""
@@ -152,10 +161,7 @@ class RunStateHook(ModelHook):
         return module
 
     def _arg(self, args, kwargs, name):
-        if name in kwargs:
-            return kwargs[name]
-        idx = self._names.index(name) if name in self._names else None
-        return args[idx] if idx is not None and idx < len(args) else None
+        return forward_arg(self._names, args, kwargs, name)
 
     def pre_forward(self, module, *args, **kwargs):
         g = self.state.geometry
