@@ -139,6 +139,25 @@ def test_parser_accuracy_on_clean_renders(size):
     assert ok_size / n_obj >= 0.95 and ok_bg_col / n_scenes >= 0.95 and ok_rel / max(n_rel, 1) >= 0.95
 
 
+@pytest.mark.parametrize("size,sigma,min_obj,min_bg", [(48, 0.6, 0.97, 0.9), (64, 0.6, 0.98, 0.97)])
+def test_parser_reads_soft_edges(size, sigma, min_obj, min_bg):
+    """Model outputs have soft edges: renders blurred by a Gaussian of `sigma` px still parse (the strict
+    colour threshold alone shrinks blurred squares, stars and triangles into 'circles')."""
+    from PIL import ImageFilter
+
+    obj, strict, bg = [], [], []
+    for seed in range(5000, 5150):
+        scene = sample_scene(seed)
+        image = render(scene, size).filter(ImageFilter.GaussianBlur(sigma))
+        a = adherence(parse(image), scene)
+        obj += a["objects"]
+        bg.append(a["background_style"])
+        strict += adherence(parse(image, soft_edges=False), scene)["objects"]
+    print(f"\n{size}px blur {sigma}: objects {np.mean(obj):.3f} (strict {np.mean(strict):.3f}), background {np.mean(bg):.3f}")
+    assert np.mean(obj) >= min_obj and np.mean(bg) >= min_bg
+    assert np.mean(strict) < np.mean(obj)
+
+
 def test_adherence_detects_mismatch():
     scene = sample_scene(11, n_objects=2, style="stripes")
     wrong = Scene(tuple(SceneObject("star" if o.shape != "star" else "circle", o.colour, o.size, o.cx, o.cy)

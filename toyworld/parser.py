@@ -2,14 +2,15 @@
 
 Made for these renders, and tolerant enough for model outputs that roughly follow them:
 
-* objects: pixels within `tol` (RGB distance) of an object palette colour, grouped into 4-connected
-  components of one colour; tiny components are dropped as noise.
+* objects: pixels within `tol` (RGB distance) of an object palette colour, then grown into the adjacent
+  soft-edge pixels that are at least half that colour blended with a background colour (anti-aliasing,
+  blur, VAE decoders), grouped into 4-connected components of one colour; tiny components are dropped.
 * shape: solidity (area / convex-hull area) separates the star (~0.5) from convex shapes; the fill ratio
   of the bounding box then separates square (~1.0) from circle (~pi/4) and triangle (~0.5), and the
   share of area in the top half of the box (triangle ~0.25, circle ~0.5) backs up the last split.
 * size: the bounding box's longer side divided by the shape's box-to-radius factor, nearest size class.
-* background: remaining pixels snapped to the background palette. Few exact matches -> gradient;
-  one colour -> flat; two colours with uniform rows or columns -> stripes; else a minority colour
+* background: a monotone colour ramp along one axis -> gradient; otherwise the remaining pixels are
+  snapped to the background palette: one colour -> flat; two colours with uniform rows or columns -> stripes; else a minority colour
   covering < 35 % -> dots, otherwise checker.
 
 Only numpy and PIL are needed.
@@ -152,22 +153,35 @@ def _size_class(shape: str, box_side: float, side: float) -> str:
     return min(SIZES, key=lambda s: abs(math.log(radius / SIZES[s])))
 
 
-def _parse_background(rgb: np.ndarray, bg: np.ndarray) -> tuple[Background, dict]:
+def _ramp(profile: np.ndarray) -> tuple[float, float]:
+    """(span, monotonicity) of a colour profile (n, 3): the distance between its ends, and the share of the
+    step lengths along the end-to-end direction that go that way (1.0 for a clean ramp, ~0.5 for a pattern)."""
+    ends = profile[-2:].mean(0) - profile[:2].mean(0)
+    span = float(np.linalg.norm(ends))
+    if span == 0 or len(profile) < 4:
+        return span, 0.0
+    steps = np.diff(profile @ (ends / span))
+    total = np.abs(steps).sum()
+    return span, float(np.clip(steps, 0, None).sum() / total) if total > 0 else 0.0
+
+
+def _parse_background(rgb: np.ndarray, bg: np.ndarray, exact_tol: float = 20.0) -> tuple[Background, dict]:
     """Style and colours from the non-object pixels `bg` (boolean mask)."""
     idx, dist = _nearest(rgb, _BG_RGB)
     pix = bg.sum()
-    exact = (dist <= 12) & bg
+    exact = (dist <= exact_tol) & bg
     feats = {"exact_frac": float(exact.sum() / max(pix, 1))}
-    if feats["exact_frac"] < 0.6:  # smooth blend: gradient
-        colsum = np.where(bg[..., None], rgb, 0)
-        n_cols, n_rows = bg.sum(0), bg.sum(1)
-        col_mean = colsum.sum(0) / np.maximum(n_cols, 1)[:, None]
-        row_mean = colsum.sum(1) / np.maximum(n_rows, 1)[:, None]
-        col_ok, row_ok = n_cols > 0, n_rows > 0
-        span_x = np.linalg.norm(col_mean[col_ok][-1] - col_mean[col_ok][0])
-        span_y = np.linalg.norm(row_mean[row_ok][-1] - row_mean[row_ok][0])
-        orient, ends = (("horizontal", (col_mean[col_ok][0], col_mean[col_ok][-1])) if span_x >= span_y
-                        else ("vertical", (row_mean[row_ok][0], row_mean[row_ok][-1])))
+    colsum = np.where(bg[..., None], rgb, 0)
+    n_cols, n_rows = bg.sum(0), bg.sum(1)
+    col_mean = (colsum.sum(0) / np.maximum(n_cols, 1)[:, None])[n_cols > 0]
+    row_mean = (colsum.sum(1) / np.maximum(n_rows, 1)[:, None])[n_rows > 0]
+    (span_x, mono_x), (span_y, mono_y) = _ramp(col_mean), _ramp(row_mean)
+    feats.update(span_x=span_x, span_y=span_y, mono_x=mono_x, mono_y=mono_y)
+    # A gradient is a monotone ramp between two palette colours (the closest pair, black-navy, is 66 apart).
+    # Blurred stripes or checkers also have few exact pixels, but their profiles go back and forth.
+    if max(span_x * (mono_x >= 0.85), span_y * (mono_y >= 0.85)) >= 40:
+        orient, ends = (("horizontal", (col_mean[0], col_mean[-1])) if span_x * (mono_x >= 0.85) >= span_y * (mono_y >= 0.85)
+                        else ("vertical", (row_mean[0], row_mean[-1])))
         names = tuple(_BG_NAMES[int(_nearest(e, _BG_RGB)[0])] for e in ends)
         return Background("gradient", names, orient), feats
     counts = np.bincount(idx[exact], minlength=len(_BG_NAMES))
@@ -192,14 +206,53 @@ def _parse_background(rgb: np.ndarray, bg: np.ndarray) -> tuple[Background, dict
     return Background("checker", (_BG_NAMES[a], _BG_NAMES[b])), feats
 
 
-def parse(image, *, tol: float = 40.0, min_area_frac: float = 0.002) -> ParsedScene:
-    """Read objects and background from an RGB image (PIL image or (H, W, 3) array)."""
+def _grow_edges(rgb: np.ndarray, labels: np.ndarray, *, alpha_min: float = 0.5, max_residual: float = 30.0,
+                rounds: int = 3) -> np.ndarray:
+    """Extend object labels into adjacent soft-edge pixels.
+
+    A soft-edge pixel p is a blend a*c + (1 - a)*b of an object colour c and a background colour b: it
+    joins the object next to it when a >= alpha_min (it is at least half object) and p lies within
+    max_residual of the c-b line, for the background palette colour b that fits best. Growth is by
+    4-neighbour dilation from the strict pixels, `rounds` pixels at most, so it only follows edges.
+    """
+    out = labels.copy()
+    for ci in np.unique(labels[labels >= 0]):
+        d = _OBJ_RGB[ci] - _BG_RGB                               # (n_bg, 3)
+        rel = rgb[..., None, :] - _BG_RGB                         # (h, w, n_bg, 3)
+        alpha = (rel * d).sum(-1) / (d * d).sum(-1)
+        residual = np.linalg.norm(rel - alpha[..., None] * d, axis=-1)
+        best = residual.argmin(-1)[..., None]
+        a = np.take_along_axis(alpha, best, -1)[..., 0]
+        r = np.take_along_axis(residual, best, -1)[..., 0]
+        cand = (labels < 0) & (a >= alpha_min) & (a <= 1.25) & (r <= max_residual)
+        cur = labels == ci
+        for _ in range(rounds):
+            grown = cur.copy()
+            grown[1:] |= cur[:-1]
+            grown[:-1] |= cur[1:]
+            grown[:, 1:] |= cur[:, :-1]
+            grown[:, :-1] |= cur[:, 1:]
+            new = grown & cand & (out < 0)
+            if not new.any():
+                break
+            out[new] = ci
+            cur |= new
+    return out
+
+
+def parse(image, *, tol: float = 40.0, min_area_frac: float = 0.002, soft_edges: bool = True) -> ParsedScene:
+    """Read objects and background from an RGB image (PIL image or (H, W, 3) array).
+
+    soft_edges=False keeps objects to the pixels within `tol` of their colour (the parser before soft-edge
+    growth; clean renders parse the same either way)."""
     rgb = _to_array(image)
     h, w, _ = rgb.shape
     if min(h, w) < 16:
         raise ValueError(f"image too small to parse: {w}x{h}")
     idx, dist = _nearest(rgb, _OBJ_RGB)
     labels = np.where(dist <= tol, idx, -1)
+    if soft_edges:
+        labels = _grow_edges(rgb, labels)
     comp = _components(labels)
     objects = []
     min_area = max(4, int(min_area_frac * h * w))
