@@ -15,7 +15,7 @@ import torch
 from attnlab.toyworld import caption, sample_scene
 from attnlab.toyworld.models import (available_toy_models, load_toy_pipeline, toy_call_kwargs, toy_image_size,
                                      toy_model_dir)
-from attnlab.toyworld.train import GRAMMAR_WORDS, make_toy_clip_tokenizer, train
+from attnlab.toyworld.train import GRAMMAR_WORDS, TEXT_MAX_LENGTH, make_toy_clip_tokenizer, make_toy_t5_tokenizer, train
 
 
 def test_toy_tokenizer_words_are_single_tokens_and_round_trip(tmp_path):
@@ -32,6 +32,26 @@ def test_toy_tokenizer_words_are_single_tokens_and_round_trip(tmp_path):
         assert back(c).input_ids == ids
         assert len(ids) <= tok.model_max_length
     assert len(tok("a fluffy dog").input_ids) > 3  # unknown words still tokenize (byte fallback)
+
+
+def test_toy_t5_tokenizer_keeps_whole_captions(tmp_path):
+    """The FLUX toy model's T5 sees every caption whole: grammar words are one piece each (the generic
+    in-memory vocabulary splits "circle" into four and most captions overflowed 32 tokens)."""
+    from transformers import T5Tokenizer
+
+    tok = make_toy_t5_tokenizer()
+    for w in GRAMMAR_WORDS:
+        assert len(tok(w).input_ids) == 2, w  # word, </s>
+    tok.save_pretrained(tmp_path)
+    back = T5Tokenizer.from_pretrained(tmp_path)
+    longest = 0
+    for s in range(300):
+        c = caption(sample_scene(s, n_objects=4))
+        ids = tok(c).input_ids
+        assert back(c).input_ids == ids
+        longest = max(longest, len(ids))
+    assert longest <= TEXT_MAX_LENGTH
+    assert len(tok("a fluffy dog").input_ids) > 3  # other text still tokenizes
 
 
 def test_missing_weights_give_a_clear_error(tmp_path):

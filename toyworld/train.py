@@ -122,6 +122,28 @@ def make_toy_clip_tokenizer(model_max_length: int = TEXT_MAX_LENGTH):
                          model_max_length=int(model_max_length))
 
 
+def toy_t5_vocab() -> list[tuple[str, float]]:
+    """The package's in-memory T5 Unigram vocabulary plus one piece per grammar word ("▁circle"), scored
+    above every other piece so that each grammar word is a single token (the generic vocabulary splits
+    "circle" into four pieces, and most captions then overflow any short T5 length)."""
+    from ..models.offline_tokenizers import t5_vocab
+
+    base = t5_vocab()
+    have = {p for p, _ in base}
+    words = [("\u2581" + w, -1.0) for w in GRAMMAR_WORDS if "\u2581" + w not in have]
+    return base[:3] + words + base[3:]
+
+
+def make_toy_t5_tokenizer(model_max_length: int = TEXT_MAX_LENGTH):
+    """T5Tokenizer (Unigram) over :func:`toy_t5_vocab`: any text tokenizes, grammar words are one token."""
+    from transformers import T5Tokenizer
+
+    from ..models.offline_tokenizers import T5_EOS, T5_PAD, T5_UNK
+
+    return T5Tokenizer(vocab=toy_t5_vocab(), eos_token=T5_EOS, unk_token=T5_UNK, pad_token=T5_PAD, extra_ids=0,
+                       model_max_length=int(model_max_length))
+
+
 def toy_clip_ids() -> dict[str, int]:
     from ..models.offline_tokenizers import CLIP_BOS, CLIP_EOS
 
@@ -159,8 +181,7 @@ def specs(arch: str, size: int = IMAGE_SIZE, tiny: bool = False) -> dict[str, di
         return {"vae": vae, "text_encoder": clip, "unet": unet, "scheduler": sched}
     t5 = dict(d_model=width, d_ff=2 * width, d_kv=width // 4, num_heads=4, num_layers=1 if tiny else 3,
               relative_attention_num_buckets=8, dropout_rate=0.0)
-    from ..models.offline_tokenizers import t5_token_ids
-    t5.update(t5_token_ids())
+    t5.update(vocab_size=len(toy_t5_vocab()), pad_token_id=0, eos_token_id=1, decoder_start_token_id=0)
     heads, head_dim = (2, 16) if tiny else (4, 32)
     transformer = dict(patch_size=1, in_channels=4 * LATENT_CHANNELS, out_channels=None, num_layers=1 if tiny else 2,
                        num_single_layers=1 if tiny else 4, attention_head_dim=head_dim, num_attention_heads=heads,
@@ -205,9 +226,8 @@ def build_components(arch: str, size: int = IMAGE_SIZE, tiny: bool = False, seed
         out["scheduler"] = diffusers.DPMSolverMultistepScheduler(**sp["scheduler"])
         out["train_scheduler"] = diffusers.DDPMScheduler(**sp["scheduler"])
     else:
-        from ..models.offline_tokenizers import make_t5_tokenizer
         out["text_encoder_2"] = T5EncoderModel(T5Config(**sp["text_encoder_2"]))
-        out["tokenizer_2"] = make_t5_tokenizer(TEXT_MAX_LENGTH)
+        out["tokenizer_2"] = make_toy_t5_tokenizer(TEXT_MAX_LENGTH)
         out["transformer"] = diffusers.FluxTransformer2DModel(**sp["transformer"])
         out["scheduler"] = diffusers.FlowMatchEulerDiscreteScheduler(**sp["scheduler"])
     return out
