@@ -53,7 +53,7 @@ IMAGE_SIZE = 48
 LATENT_CHANNELS = 16  # 4x4x3 pixels -> 16 numbers: easy for a briefly trained VAE
 TEXT_MAX_LENGTH = 32
 CAPTION_DROPOUT = 0.1
-DEFAULT_STEPS = {"sd": 7000, "flux": 5000}  # the shipped SD recipe; FLUX: planned, not run yet
+DEFAULT_STEPS = {"sd": 9000, "flux": 9000}  # the shipped recipes
 VAE_SAMPLE_OFFSET = 100_000_000  # phase-1 samples: training indices from here on
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
