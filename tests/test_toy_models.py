@@ -107,3 +107,16 @@ def test_training_smoke_saves_resumes_and_reloads(arch, tmp_path):
                generator=torch.Generator().manual_seed(0), **extra).images[0]
     assert img.size == (32, 32)
     assert time.time() - t0 < 20
+
+
+@pytest.mark.skipif("sd" not in available_toy_models(), reason="models/toy/sd has no weights")
+def test_evaluate_scores_generated_strict_vae_and_clean():
+    from attnlab.toyworld.evaluate import evaluate, format_table
+
+    pipe = load_toy_pipeline("sd")
+    res = evaluate(pipe, n=2, batch=4, call_kwargs=toy_call_kwargs("sd", num_inference_steps=2), log=lambda *_: None)
+    for key in ("generated", "generated_strict_edges", "vae_roundtrip", "clean_renders"):
+        assert res[key]["n_single"] == 2 and res[key]["n_two"] == 2
+    assert res["clean_renders"]["single_colour_shape"] == 1.0 and res["clean_renders"]["background_style"] == 1.0
+    assert set(res["passes_bar"]) == {"single_colour_shape", "two_object_both", "background_style"}
+    assert "VAE" in format_table(res).splitlines()[0]
