@@ -16,7 +16,7 @@ INTRO = ("Every tab runs a method of the pack off and on with the same seed. The
          "trained by the pack on its synthetic toy world (coloured shapes on patterned backgrounds, 48 px): "
          "prompts in that world's grammar work best, e.g. *a large red "
          "circle left of a small blue square on a plain white background*; it is small and follows prompts only "
-         "loosely. The *tiny-** models have random weights (plumbing only). Type a local diffusers folder (or a hub "
+         "loosely; *toy-flux* is its FLUX-architecture sibling. The *tiny-** models have random weights (plumbing only). Type a local diffusers folder (or a hub "
          "id, with internet) for real models.")
 
 

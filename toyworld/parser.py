@@ -10,8 +10,8 @@ Made for these renders, and tolerant enough for model outputs that roughly follo
   share of area in the top half of the box (triangle ~0.25, circle ~0.5) backs up the last split.
 * size: the bounding box's longer side divided by the shape's box-to-radius factor, nearest size class.
 * background: a monotone colour ramp along one axis -> gradient; otherwise the remaining pixels are
-  snapped to the background palette: one colour -> flat; two colours with uniform rows or columns -> stripes; else a minority colour
-  covering < 35 % -> dots, otherwise checker.
+  snapped to the background palette: one colour -> flat; two colours with uniform rows or columns ->
+  stripes; else a minority colour covering < 35 % -> dots, otherwise checker.
 
 Only numpy and PIL are needed.
 """
@@ -179,8 +179,9 @@ def _parse_background(rgb: np.ndarray, bg: np.ndarray, exact_tol: float = 20.0) 
     feats.update(span_x=span_x, span_y=span_y, mono_x=mono_x, mono_y=mono_y)
     # A gradient is a monotone ramp between two palette colours (the closest pair, black-navy, is 66 apart).
     # Blurred stripes or checkers also have few exact pixels, but their profiles go back and forth.
-    if max(span_x * (mono_x >= 0.85), span_y * (mono_y >= 0.85)) >= 40:
-        orient, ends = (("horizontal", (col_mean[0], col_mean[-1])) if span_x * (mono_x >= 0.85) >= span_y * (mono_y >= 0.85)
+    ramp_x, ramp_y = span_x * (mono_x >= 0.85), span_y * (mono_y >= 0.85)
+    if max(ramp_x, ramp_y) >= 40:
+        orient, ends = (("horizontal", (col_mean[0], col_mean[-1])) if ramp_x >= ramp_y
                         else ("vertical", (row_mean[0], row_mean[-1])))
         names = tuple(_BG_NAMES[int(_nearest(e, _BG_RGB)[0])] for e in ends)
         return Background("gradient", names, orient), feats
@@ -216,9 +217,9 @@ def _grow_edges(rgb: np.ndarray, labels: np.ndarray, *, alpha_min: float = 0.5, 
     4-neighbour dilation from the strict pixels, `rounds` pixels at most, so it only follows edges.
     """
     out = labels.copy()
+    rel = rgb[..., None, :] - _BG_RGB                             # (h, w, n_bg, 3)
     for ci in np.unique(labels[labels >= 0]):
         d = _OBJ_RGB[ci] - _BG_RGB                               # (n_bg, 3)
-        rel = rgb[..., None, :] - _BG_RGB                         # (h, w, n_bg, 3)
         alpha = (rel * d).sum(-1) / (d * d).sum(-1)
         residual = np.linalg.norm(rel - alpha[..., None] * d, axis=-1)
         best = residual.argmin(-1)[..., None]
