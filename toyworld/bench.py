@@ -9,7 +9,8 @@ Metrics (off → on):
   softpag     object adherence and sharpness (variance of the Laplacian) at the native size
   refam       mIoU / oIoU of the referring-expression masks; off = the plain cross-attention map (no stop-word
               filtering, no magnets, no sink handling), on = RefAM
-  eraser      object-colour leakage (share of mask pixels nearest the removed object's colour) and PSNR inside
+  eraser      object-colour leakage (share of mask pixels whose nearest palette colour, objects and backgrounds,
+              is the removed object's colour) and PSNR inside
               the mask against the scene rendered without the object; off = plain inpainting (s = 0)
   alignedgen  background-style agreement with the batch's first image, and adherence; off = plain batch
   freeswim    duplicated objects (parsed objects beyond the caption's) at 4× the area; off = direct sampling
@@ -32,7 +33,7 @@ import torch
 from PIL import Image
 
 from .parser import adherence, parse
-from .scenes import OBJECT_COLOURS, caption, ground_truth, render, sample_scene
+from .scenes import BACKGROUND_COLOURS, OBJECT_COLOURS, caption, ground_truth, render, sample_scene
 
 HELD_OUT = 10_000
 METHODS = ("entropy", "softpag", "refam", "eraser", "alignedgen", "freeswim")
@@ -170,7 +171,8 @@ def bench_eraser(b: Bench) -> list[dict]:
         mask = Image.fromarray((truth * 255).astype(np.uint8))
         clean = np.asarray(render(dataclasses.replace(scene, objects=scene.objects[1:]), size))
         colour = np.array(OBJECT_COLOURS[scene.objects[target].colour], np.float64)
-        palette = np.array(list(OBJECT_COLOURS.values()), np.float64)
+        # Background colours are in the palette too: a navy dot must not count as a leaked blue object.
+        palette = np.array(list(OBJECT_COLOURS.values()) + list(BACKGROUND_COLOURS.values()), np.float64)
         for name, er in erasers.items():
             out = er(render(scene, size), mask, prompt="", num_inference_steps=b.steps,
                      strength=0.8 if mode == "sip" else None, generator=torch.Generator().manual_seed(i)).images[0]
