@@ -164,6 +164,7 @@ def test_adherence_detects_mismatch():
                         for o in scene.objects), Background("checker", scene.background.colours))
     a = adherence(parse(render(scene, 64)), wrong)
     assert a["objects"] == [False, False] and not a["background_style"] and a["relation"] is False
+    assert a["colours"] == [True, True]  # right colours, wrong shapes
     # Flat image: nothing found.
     blank = Scene((), Background("flat", ("white",)))
     parsed = parse(render(blank, 64))

@@ -48,9 +48,11 @@ def _summarise(records: list[dict]) -> dict:
 
     return {
         "single_colour_shape": mean([r["objects"][0] for r in one]),
+        "single_colour_only": mean([r["colours"][0] for r in one]),
         "two_object_both": mean([r["all_objects"] for r in two]),
         "two_object_per_object": mean([o for r in two for o in r["objects"]]),
         "two_object_relation": mean([r["relation"] for r in two]),
+        "two_object_colours_both": mean([all(r["colours"]) for r in two]),
         "background_style": mean([r["background_style"] for r in records]),
         "background_colours": mean([r["background_colours"] for r in records]),
         "size_class_of_found": mean([s for r in records for s in r["sizes"]]),
@@ -128,7 +130,8 @@ def format_table(res: dict) -> str:
     g, c = res["generated"], res["clean_renders"]
     st, rt = res.get("generated_strict_edges", g), res.get("vae_roundtrip", c)
     lines = [f"{'metric':28s} {'model':>8s} {'strict':>8s} {'VAE':>8s} {'clean':>8s} {'bar':>6s}"]
-    for k in ("single_colour_shape", "two_object_both", "two_object_per_object", "two_object_relation",
+    for k in ("single_colour_shape", "single_colour_only", "two_object_both", "two_object_per_object",
+              "two_object_colours_both", "two_object_relation",
               "background_style", "background_colours", "size_class_of_found", "count_match"):
         bar = f"{BAR[k]:.0%}" if k in BAR else ""
         lines.append(f"{k:28s} {g[k]:8.1%} {st[k]:8.1%} {rt[k]:8.1%} {c[k]:8.1%} {bar:>6s}")

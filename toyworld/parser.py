@@ -275,14 +275,14 @@ def parse(image, *, tol: float = 40.0, min_area_frac: float = 0.002, soft_edges:
     return ParsedScene(objects, background, (w, h), feats)
 
 
-def match_objects(parsed: ParsedScene, scene: Scene) -> list[int | None]:
+def match_objects(parsed: ParsedScene, scene: Scene, *, shape: bool = True) -> list[int | None]:
     """Greedy one-to-one match: for each scene object, the nearest unused parsed object of the same
-    colour and shape (index into parsed.objects), or None."""
+    colour and shape (index into parsed.objects), or None. shape=False matches on colour alone."""
     used: set[int] = set()
     out: list[int | None] = []
     for o in scene.objects:
         cands = [j for j, p in enumerate(parsed.objects)
-                 if j not in used and p.colour == o.colour and p.shape == o.shape]
+                 if j not in used and p.colour == o.colour and (p.shape == o.shape or not shape)]
         if not cands:
             out.append(None)
             continue
@@ -296,6 +296,7 @@ def adherence(parsed: ParsedScene, scene: Scene) -> dict:
     """Score a parsed image against the scene it was meant to show.
 
     objects: per scene object, whether an object of that colour and shape is present (one-to-one);
+    colours: the same on colour alone (whatever its shape);
     sizes: per object, whether the matched object has the right size class (None if unmatched);
     relation: whether objects 0 and 1 satisfy the caption's relation (None with < 2 objects, False if
     either is missing); background_style / background_colours: style match and colour-set match.
@@ -315,6 +316,7 @@ def adherence(parsed: ParsedScene, scene: Scene) -> dict:
     return {
         "objects": objects,
         "object_rate": sum(objects) / len(objects),
+        "colours": [m is not None for m in match_objects(parsed, scene, shape=False)],
         "all_objects": all(objects),
         "sizes": sizes,
         "count_match": len(parsed.objects) == len(scene.objects),
