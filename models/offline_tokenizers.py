@@ -239,16 +239,17 @@ def t5_vocab() -> list[tuple[str, float]]:
     return list(_trained_t5_vocab())
 
 
-def make_t5_tokenizer(model_max_length: int = 512):
+def make_t5_tokenizer(model_max_length: int = 512, vocab: list[tuple[str, float]] | None = None):
     """In-memory Unigram T5 tokenizer (``<pad>=0, </s>=1, <unk>=2``, no sentinel ids).
 
     Returns a ``transformers.T5Tokenizer``; also serves as the UMT5 tokenizer for Wan. The pipelines
     pass ``max_sequence_length`` explicitly, so ``model_max_length`` is only the tokenizer's default.
+    ``vocab``: another (piece, score) list with the same three specials first (default :func:`t5_vocab`).
     """
     from transformers import T5Tokenizer
 
     return T5Tokenizer(
-        vocab=t5_vocab(),
+        vocab=t5_vocab() if vocab is None else vocab,
         eos_token=T5_EOS,
         unk_token=T5_UNK,
         pad_token=T5_PAD,

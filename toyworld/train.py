@@ -136,12 +136,9 @@ def toy_t5_vocab() -> list[tuple[str, float]]:
 
 def make_toy_t5_tokenizer(model_max_length: int = TEXT_MAX_LENGTH):
     """T5Tokenizer (Unigram) over :func:`toy_t5_vocab`: any text tokenizes, grammar words are one token."""
-    from transformers import T5Tokenizer
+    from ..models.offline_tokenizers import make_t5_tokenizer
 
-    from ..models.offline_tokenizers import T5_EOS, T5_PAD, T5_UNK
-
-    return T5Tokenizer(vocab=toy_t5_vocab(), eos_token=T5_EOS, unk_token=T5_UNK, pad_token=T5_PAD, extra_ids=0,
-                       model_max_length=int(model_max_length))
+    return make_t5_tokenizer(model_max_length, vocab=toy_t5_vocab())
 
 
 def toy_clip_ids() -> dict[str, int]:
@@ -181,7 +178,8 @@ def specs(arch: str, size: int = IMAGE_SIZE, tiny: bool = False) -> dict[str, di
         return {"vae": vae, "text_encoder": clip, "unet": unet, "scheduler": sched}
     t5 = dict(d_model=width, d_ff=2 * width, d_kv=width // 4, num_heads=4, num_layers=1 if tiny else 3,
               relative_attention_num_buckets=8, dropout_rate=0.0)
-    t5.update(vocab_size=len(toy_t5_vocab()), pad_token_id=0, eos_token_id=1, decoder_start_token_id=0)
+    from ..models.offline_tokenizers import t5_token_ids
+    t5.update(t5_token_ids(), vocab_size=len(toy_t5_vocab()))
     heads, head_dim = (2, 16) if tiny else (4, 32)
     transformer = dict(patch_size=1, in_channels=4 * LATENT_CHANNELS, out_channels=None, num_layers=1 if tiny else 2,
                        num_single_layers=1 if tiny else 4, attention_head_dim=head_dim, num_attention_heads=heads,
