@@ -20,6 +20,11 @@ INTRO = ("Every tab runs a method of the pack off and on with the same seed. The
          "id, with internet) for real models.")
 
 
+# The toy models make 48-px images: show every picture scaled up to its box, with crisp pixels.
+CSS = (".attnlab-pixels img { width: 100% !important; height: 100% !important; object-fit: contain; "
+       "image-rendering: pixelated; } .attnlab-gallery img { image-rendering: pixelated; }")
+
+
 def _ui_errors(fn):
     """Bad input becomes a readable message in the UI (gr.Error) instead of a stack trace."""
     import gradio as gr
@@ -51,9 +56,11 @@ def _results(prefix: str, labels, kind: str = "image"):
 
     with gr.Row():
         if kind == "gallery":
-            outs = [gr.Gallery(label=text, columns=3, height=240, elem_id=f"{prefix}-{i}") for i, text in enumerate(labels)]
+            outs = [gr.Gallery(label=text, columns=3, height=240, elem_id=f"{prefix}-{i}", elem_classes=["attnlab-gallery"])
+                    for i, text in enumerate(labels)]
         else:
-            outs = [gr.Image(label=text, height=240, elem_id=f"{prefix}-{i}") for i, text in enumerate(labels)]
+            outs = [gr.Image(label=text, height=240, elem_id=f"{prefix}-{i}", elem_classes=["attnlab-pixels"])
+                    for i, text in enumerate(labels)]
     return outs + [gr.Textbox(label="Details", elem_id=f"{prefix}-info")]
 
 
@@ -86,7 +93,8 @@ def build_app(store: runs.ModelStore | None = None):
         with gr.Tab("RefAM", elem_id="tab-refam"):
             with gr.Row():
                 with gr.Column():
-                    ra_image = gr.Image(type="pil", label="Image", height=240, elem_id="ra-image")
+                    ra_image = gr.Image(type="pil", label="Image", height=240, elem_id="ra-image",
+                                        elem_classes=["attnlab-pixels"])
                     with gr.Row():
                         ra_seed = gr.Number(0, precision=0, label="Scene seed")
                         ra_scene = gr.Button("Make a toy scene", elem_id="ra-scene")
@@ -212,5 +220,6 @@ def main(argv=None) -> int:
         print("attnlab demo needs gradio: pip install 'attnlab[demo]' (gradio==6.31.0)")
         return 2
     app = build_app(runs.ModelStore(args.device))
-    app.queue(default_concurrency_limit=2).launch(server_name=args.host, server_port=args.port, share=args.share)
+    app.queue(default_concurrency_limit=2).launch(server_name=args.host, server_port=args.port, share=args.share,
+                                                        css=CSS)
     return 0
