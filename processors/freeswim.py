@@ -109,6 +109,7 @@ class FreeSwim(Effect):
         self.flex = FlexWindow(self.flex_tile)
         self.cache: dict = {}  # (site name, row key) -> override tensor [H, N, D]
         self.cache_meta: dict = {}  # row key -> (executed step, shape key) of the last store
+        self._last_executed = None  # executed step of the previous plan: a smaller one starts a new run
         self.skipped: set = set()  # site names passed through (no usable grid)
         self.stats = {"window_calls": 0, "full_calls": 0, "cross_evaluated_rows": 0, "cache_hits": 0}
         self._plan = threading.local()
@@ -182,8 +183,12 @@ class FreeSwim(Effect):
     def plan_rows(self, roles: Sequence[str], step: StepInfo, shape_key) -> tuple[list[int], BranchPlan]:
         """(rows to duplicate as full twins, the plan) for a forward whose rows have `roles` at `step`.
         Rows of the same role are told apart by their ordinal; the cache is (re)filled on guide steps
-        (executed ≡ 0 mod k, unknown steps, a new shape or a cache from another run)."""
+        (executed ≡ 0 mod k, unknown steps, a new shape or a cache from another run). A step before the
+        previous plan's starts a new sampling run: the cache is dropped first."""
         executed = step.executed
+        if executed is not None and self._last_executed is not None and executed < self._last_executed:
+            self.reset()
+        self._last_executed = executed
         k = self.cache_steps
         modes, partner, keys, dup = [], {}, {}, []
         seen: dict = {}
@@ -215,6 +220,7 @@ class FreeSwim(Effect):
         """Drop the cached overrides (hosts call this at the start of a run)."""
         self.cache.clear()
         self.cache_meta.clear()
+        self._last_executed = None
 
     # --- geometry ----------------------------------------------------------------------------------------
     def spec(self, call: AttentionCall) -> Optional[WindowSpec]:

@@ -290,6 +290,10 @@ def test_cache_schedule_and_uncond_semantics():
     assert swim.plan_rows(("cond",), StepInfo(7, 10, None, None, 0), ("other",))[1].modes == ("fresh",)
     swim2 = FreeSwim(cache_steps=2)
     assert swim2.plan_rows(("cond",), StepInfo(1, 10, None, None, 0), ("s",))[1].modes == ("fresh",)  # nothing stored
+    # a step before the previous plan's starts a new run: the stored overrides are dropped
+    swim.cache[("blocks.0.attn2", "", ("cond", 0))] = torch.zeros(1)
+    assert swim.plan_rows(("cond",), StepInfo(1, 10, None, None, 0), ("s",))[1].modes == ("fresh",)
+    assert swim.cache == {} and list(swim.cache_meta) == [("cond", 0)]
     with pytest.raises(ValueError, match="cache_steps"):
         FreeSwim(cache_steps=0)
 

@@ -14,19 +14,8 @@ from __future__ import annotations
 
 from typing import Callable, Optional
 
-import torch
-
+from ..rows import take_rows
 from .context import ROLE_KEY, step_info
-
-
-def _rows(value, index: list[int], batch: int):
-    if torch.is_tensor(value):
-        return value[index] if value.ndim > 0 and value.shape[0] == batch else value
-    if isinstance(value, dict):
-        return type(value)((k, _rows(v, index, batch)) for k, v in value.items())
-    if isinstance(value, (list, tuple)) and not isinstance(value, str):
-        return type(value)(_rows(v, index, batch) for v in value)
-    return value
 
 
 class DualPassWrapper:
@@ -37,7 +26,6 @@ class DualPassWrapper:
         self.previous = previous
         self.calls = 0
         self.full_rows = 0
-        self._last = None
 
     def __deepcopy__(self, memo):  # clones share the effect (and its cache) like the effect itself
         return self
@@ -56,19 +44,15 @@ class DualPassWrapper:
             if len(roles) != batch:
                 roles = ("cond",) * batch
         step = step_info(t, options.get("sample_sigmas"))
-        executed = step.executed
-        if executed is not None and self._last is not None and executed < self._last:
-            self.swim.reset()
-        self._last = executed
         dup, plan = self.swim.plan_rows(roles, step, tuple(x.shape[1:]))
         self.calls += 1
         self.full_rows += len(dup)
         index = list(range(batch)) + dup
         options[ROLE_KEY] = tuple(roles) + ("full",) * len(dup)
-        c = {k: (v if k == "transformer_options" else _rows(v, index, batch)) for k, v in c.items()} if dup else c
+        c = {k: (v if k == "transformer_options" else take_rows(v, index, batch)) for k, v in c.items()} if dup else c
         c["transformer_options"] = options
         x2 = x[index] if dup else x
-        t2 = _rows(t, index, batch) if dup else t
+        t2 = take_rows(t, index, batch) if dup else t
         inner = {"input": x2, "timestep": t2, "c": c, "cond_or_uncond": cond_or_uncond}
         with self.swim.active(plan):
             if self.previous is not None:

@@ -16,7 +16,8 @@ import inspect
 import torch
 from diffusers.hooks.hooks import ModelHook
 
-from .guidance import _sample_of, _with_sample, take_rows
+from ..rows import take_rows
+from .guidance import _sample_of, _with_sample
 from .run_state import attach_hook, detach_hook, forward_arg, watch_encode_prompt
 
 HOOK_NAME = "attnlab_freeswim_dual_pass"
@@ -32,7 +33,6 @@ class DualPassHook(ModelHook):
         self._names: list[str] = []
         self.forwards = 0  # denoiser forwards run through the hook
         self.full_rows = 0  # full-branch rows appended, summed over forwards
-        self._last = None  # (executed step) of the previous forward: a smaller one starts a new run
         self.negative = None  # negative prompt embeddings the pipeline encoded (see `watch_negative`)
 
     def initialize_hook(self, module):
@@ -48,10 +48,6 @@ class DualPassHook(ModelHook):
         batch = int(x.shape[0])
         roles = self._uncond_by_text(self.state.resolve_roles(batch), self._arg(args, kwargs, "encoder_hidden_states"))
         step = self.state.resolve_step(self._arg(args, kwargs, "timestep"))
-        executed = step.executed
-        if executed is not None and self._last is not None and executed < self._last:
-            self.swim.reset()
-        self._last = executed
         dup, plan = self.swim.plan_rows(roles, step, tuple(x.shape[1:]))
         self.forwards += 1
         self.full_rows += len(dup)
