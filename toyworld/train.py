@@ -35,10 +35,13 @@ from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import json
 import math
 import time
+from dataclasses import dataclass, fields
 from pathlib import Path
+from typing import Optional
 
 import numpy as np
 import torch
@@ -49,11 +52,13 @@ from .scenes import (BACKGROUND_COLOURS, OBJECT_COLOURS, SHAPES, SIZES, STYLE_WO
 TRAIN_SEED_BASE = 1_000_000
 N_OBJECTS = (1, 2, 3, 4)
 N_OBJECTS_P = (0.35, 0.35, 0.15, 0.15)
+CURRICULUM_P = (0.6, 0.4, 0.0, 0.0)  # --curriculum-steps: one- and two-object scenes first
 IMAGE_SIZE = 48
+VAE_FACTOR = 4  # pixels per latent cell (2 or 4)
 LATENT_CHANNELS = 16  # 4x4x3 pixels -> 16 numbers: easy for a briefly trained VAE
+VAE_KL_WEIGHT = 1e-6  # the recipe study's; latents are rescaled by their std anyway
 TEXT_MAX_LENGTH = 32
 CAPTION_DROPOUT = 0.1
-DEFAULT_STEPS = {"sd": 9000, "flux": 9000}  # the shipped recipes
 VAE_SAMPLE_OFFSET = 100_000_000  # phase-1 samples: training indices from here on
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -151,38 +156,98 @@ def toy_clip_ids() -> dict[str, int]:
 
 # -------------------------------------------------------------------------------------------- configs
 
-def specs(arch: str, size: int = IMAGE_SIZE, tiny: bool = False) -> dict[str, dict]:
+def vae_spec(size: int = IMAGE_SIZE, factor: int = VAE_FACTOR, latent_channels: int = LATENT_CHANNELS,
+             tiny: bool = False) -> dict:
+    """AutoencoderKL config: 32-group norms, >= 32-channel blocks and the mid-block attention, as ComfyUI's own
+    VAE class builds them; one block per factor of 2 plus the first."""
+    if factor not in (2, 4, 8):
+        raise ValueError(f"vae factor must be 2, 4 or 8, got {factor!r}")
+    n = int(math.log2(factor)) + 1
+    blocks = [32] * n if tiny else [32] + [64] * (n - 1)
+    return dict(in_channels=3, out_channels=3, down_block_types=["DownEncoderBlock2D"] * n,
+                up_block_types=["UpDecoderBlock2D"] * n, block_out_channels=blocks, layers_per_block=1,
+                latent_channels=int(latent_channels), norm_num_groups=32, sample_size=size,
+                scaling_factor=1.0, shift_factor=0.0)
+
+
+@dataclass
+class Recipe:
+    """Everything a training run depends on (the defaults are the shipped models' recipe; docs/toyworld.md)."""
+    size: int = IMAGE_SIZE
+    vae_factor: int = VAE_FACTOR
+    latent_channels: int = LATENT_CHANNELS
+    vae_steps: int = 2000
+    vae_batch: int = 16
+    vae_lr: float = 1e-3
+    vae_kl: float = VAE_KL_WEIGHT
+    steps: int = 9000
+    batch: int = 32
+    lr: float = 5e-4
+    unet_blocks: tuple = (32, 64, 128)
+    flux_blocks: tuple = (2, 4)  # double, single
+    text_width: int = 128
+    caption_dropout: float = CAPTION_DROPOUT
+    ema_decay: float = 0.999
+    curriculum_steps: int = 0  # the first N steps draw 1-2 object scenes only (CURRICULUM_P)
+    zero_snr: bool = False  # SD: betas rescaled to zero terminal SNR (v-prediction)
+    decoder_every: Optional[int] = None  # None: 1 with our own VAE, 0 with a borrowed one
+    decoder_noise: float = 0.15
+    seed: int = 0
+    threads: Optional[int] = 2
+    workers: int = 0  # processes rendering training batches (a GPU run needs them; 0 on a 2-core CPU)
+
+    def replace(self, **kw) -> "Recipe":
+        unknown = set(kw) - {f.name for f in fields(self)}
+        if unknown:
+            raise TypeError(f"unknown recipe settings: {sorted(unknown)}")
+        return dataclasses.replace(self, **kw)
+
+
+def unet_spec(latent: int, latent_channels: int, blocks=(32, 64, 128), text_width: int = 128, tiny: bool = False) -> dict:
+    """UNet2DConditionModel config in ComfyUI's terms: 32-group norms, one head width (32) on every level.
+    Latents of 24 cells and more keep the finest level attention-free (as SDXL does), for speed."""
+    blocks = (32, 32, 32) if tiny else tuple(int(b) for b in blocks)
+    if any(b % 32 for b in blocks):
+        raise ValueError(f"UNet blocks must be multiples of 32 (32-group norms), got {blocks}")
+    if latent >= 24:
+        down = ("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D")
+        up = ("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D")
+    else:
+        down = ("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D")
+        up = ("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D")
+    return dict(sample_size=latent, in_channels=latent_channels, out_channels=latent_channels, block_out_channels=blocks,
+                layers_per_block=1, down_block_types=down, up_block_types=up,
+                attention_head_dim=tuple(b // 32 for b in blocks),  # = number of heads in UNet2DConditionModel
+                cross_attention_dim=text_width, norm_num_groups=32)
+
+
+def specs(arch: str, size: int = IMAGE_SIZE, tiny: bool = False, recipe: Optional[Recipe] = None) -> dict[str, dict]:
     """Config dicts per component. ``tiny=True`` shrinks everything for smoke tests."""
     if arch not in ("sd", "flux"):
         raise ValueError(f"arch must be 'sd' or 'flux', got {arch!r}")
+    r = (recipe or Recipe()).replace(size=size)
     ids = toy_clip_ids()
-    vae_blocks = [8, 8, 16] if tiny else [16, 32, 64]
-    vae = dict(in_channels=3, out_channels=3, down_block_types=["DownEncoderBlock2D"] * 3,
-               up_block_types=["UpDecoderBlock2D"] * 3, block_out_channels=vae_blocks, layers_per_block=1,
-               latent_channels=LATENT_CHANNELS, norm_num_groups=8 if tiny else 16, sample_size=size,
-               scaling_factor=1.0, shift_factor=0.0)
-    width = 32 if tiny else 128
+    vae = vae_spec(size, r.vae_factor, r.latent_channels, tiny=tiny)
+    width = 32 if tiny else r.text_width
     clip = dict(hidden_size=width, intermediate_size=2 * width, num_attention_heads=4,
                 num_hidden_layers=1 if tiny else 3, max_position_embeddings=TEXT_MAX_LENGTH, hidden_act="quick_gelu",
                 layer_norm_eps=1e-5, attention_dropout=0.0, dropout=0.0, **ids)
-    latent = size // 4
+    latent = size // r.vae_factor
     if arch == "sd":
-        unet = dict(sample_size=latent, in_channels=LATENT_CHANNELS, out_channels=LATENT_CHANNELS,
-                    block_out_channels=(16, 16, 32) if tiny else (32, 64, 128), layers_per_block=1,
-                    down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
-                    up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
-                    attention_head_dim=(2, 4, 4),  # = number of heads in UNet2DConditionModel
-                    cross_attention_dim=width, norm_num_groups=8)
+        unet = unet_spec(latent, r.latent_channels, r.unet_blocks, width, tiny)
         sched = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
-                     prediction_type="v_prediction", steps_offset=1)
+                     prediction_type="v_prediction", steps_offset=1, rescale_betas_zero_snr=bool(r.zero_snr))
+        if r.zero_snr:
+            sched["timestep_spacing"] = "trailing"
         return {"vae": vae, "text_encoder": clip, "unet": unet, "scheduler": sched}
     t5 = dict(d_model=width, d_ff=2 * width, d_kv=width // 4, num_heads=4, num_layers=1 if tiny else 3,
               relative_attention_num_buckets=8, dropout_rate=0.0)
     from ..models.offline_tokenizers import t5_token_ids
     t5.update(t5_token_ids(), vocab_size=len(toy_t5_vocab()))
     heads, head_dim = (2, 16) if tiny else (4, 32)
-    transformer = dict(patch_size=1, in_channels=4 * LATENT_CHANNELS, out_channels=None, num_layers=1 if tiny else 2,
-                       num_single_layers=1 if tiny else 4, attention_head_dim=head_dim, num_attention_heads=heads,
+    double, single = (1, 1) if tiny else r.flux_blocks
+    transformer = dict(patch_size=1, in_channels=4 * r.latent_channels, out_channels=None, num_layers=double,
+                       num_single_layers=single, attention_head_dim=head_dim, num_attention_heads=heads,
                        joint_attention_dim=width, pooled_projection_dim=width, guidance_embeds=False,
                        axes_dims_rope=(4, 6, 6) if tiny else (8, 12, 12))
     sched = dict(num_train_timesteps=1000, shift=1.0, use_dynamic_shifting=False)
@@ -191,30 +256,57 @@ def specs(arch: str, size: int = IMAGE_SIZE, tiny: bool = False) -> dict[str, di
 
 # ----------------------------------------------------------------------------------------------- data
 
-def scene_for_index(i: int):
+def scene_for_index(i: int, p=N_OBJECTS_P):
     seed = TRAIN_SEED_BASE + int(i)
-    n = int(np.random.default_rng([seed, 7]).choice(N_OBJECTS, p=N_OBJECTS_P))
+    n = int(np.random.default_rng([seed, 7]).choice(N_OBJECTS, p=p))
     return sample_scene(seed, n_objects=n)
 
 
-def batch_at(start: int, batch: int, size: int) -> tuple[torch.Tensor, list[str]]:
+def batch_at(start: int, batch: int, size: int, p=N_OBJECTS_P) -> tuple[torch.Tensor, list[str]]:
     """Images in [-1, 1] (B, 3, size, size) and captions for training samples start..start+batch-1."""
     imgs, caps = [], []
     for i in range(start, start + batch):
-        sc = scene_for_index(i)
+        sc = scene_for_index(i, p)
         imgs.append(render_array(sc, size))
         caps.append(caption(sc))
     x = torch.from_numpy(np.stack(imgs)).permute(0, 3, 1, 2).float() / 127.5 - 1.0
     return x, caps
 
 
+class StepBatches(torch.utils.data.Dataset):
+    """Batch ``step`` of a run as one item, so a DataLoader can render batches in worker processes (a GPU
+    run outpaces one CPU core's numpy rendering); the order and content stay those of :func:`batch_at`."""
+
+    def __init__(self, batch: int, size: int, offset: int = 0, curriculum_steps: int = 0):
+        self.batch, self.size, self.offset, self.curriculum_steps = batch, size, offset, curriculum_steps
+
+    def __len__(self) -> int:
+        return 2**31 - 1
+
+    def __getitem__(self, step: int):
+        p = CURRICULUM_P if step < self.curriculum_steps else N_OBJECTS_P
+        return batch_at(self.offset + step * self.batch, self.batch, self.size, p)
+
+
+def step_batches(start: int, steps: int, data: StepBatches, workers: int = 0):
+    """Yield (step, (images, captions)) for start..steps-1, rendered in ``workers`` processes (0: inline)."""
+    if workers <= 0:
+        for step in range(start, steps):
+            yield step, data[step]
+        return
+    loader = torch.utils.data.DataLoader(data, batch_size=None, sampler=range(start, steps), num_workers=workers,
+                                         prefetch_factor=4, persistent_workers=False)
+    yield from zip(range(start, steps), loader)
+
+
 # --------------------------------------------------------------------------------------------- models
 
-def build_components(arch: str, size: int = IMAGE_SIZE, tiny: bool = False, seed: int = 0) -> dict:
+def build_components(arch: str, size: int = IMAGE_SIZE, tiny: bool = False, seed: int = 0,
+                     recipe: Optional[Recipe] = None) -> dict:
     import diffusers
     from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
 
-    sp = specs(arch, size, tiny)
+    sp = specs(arch, size, tiny, recipe)
     torch.manual_seed(seed)
     out = {"vae": diffusers.AutoencoderKL(**sp["vae"]),
            "text_encoder": CLIPTextModel(CLIPTextConfig(**sp["text_encoder"])),
@@ -284,8 +376,10 @@ def _log(fh, msg: str) -> None:
 
 
 def train_vae(vae, *, steps: int, batch: int, size: int, device: str, state_dir: Path, resume: bool, seed: int,
-              lr: float = 1e-3, ckpt_every: int = 200, log=None) -> dict:
-    """Phase 1: reconstruction (L1 + MSE) with a tiny KL term. Returns {"mean", "std"} of the latents."""
+              lr: float = 1e-3, ckpt_every: int = 200, log=None, kl_weight: float = VAE_KL_WEIGHT,
+              on_checkpoint=None, workers: int = 0) -> dict:
+    """Phase 1: reconstruction (L1 + MSE) with a tiny KL term. Returns {"mean", "std"} of the latents.
+    on_checkpoint(step, vae): called at every checkpoint (the recipe study scores the round trip there)."""
     path = state_dir / "vae.pt"
     opt = torch.optim.AdamW(vae.parameters(), lr=lr, weight_decay=0.0)
     start = 0
@@ -298,17 +392,16 @@ def train_vae(vae, *, steps: int, batch: int, size: int, device: str, state_dir:
     vae.to(device).train()
     gen = torch.Generator(device="cpu")
     t0 = time.time()
-    for step in range(start, steps):
+    for step, (x, _) in step_batches(start, steps, StepBatches(batch, size, VAE_SAMPLE_OFFSET), workers):
         for g in opt.param_groups:
             g["lr"] = _lr_at(step, steps, lr, warmup=50)
-        x, _ = batch_at(VAE_SAMPLE_OFFSET + step * batch, batch, size)
         x = x.to(device)
         gen.manual_seed(seed * 1_000_003 + step)
         post = vae.encode(x).latent_dist
         z = post.mean + post.std * torch.randn(post.mean.shape, generator=gen).to(device)
         rec = vae.decode(z).sample
         kl = post.kl().mean() / x[0].numel()
-        loss = (rec - x).abs().mean() + ((rec - x) ** 2).mean() + 1e-4 * kl
+        loss = (rec - x).abs().mean() + ((rec - x) ** 2).mean() + kl_weight * kl
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
@@ -317,6 +410,11 @@ def train_vae(vae, *, steps: int, batch: int, size: int, device: str, state_dir:
             _log(log, f"vae step {step} loss {loss.item():.4f} kl {kl.item():.3f} ({time.time() - t0:.0f}s)")
         if (step + 1) % ckpt_every == 0 or step == steps - 1:
             torch.save({"model": vae.state_dict(), "opt": opt.state_dict(), "step": step + 1}, path)
+            if on_checkpoint is not None:
+                vae.eval()
+                with torch.no_grad():
+                    on_checkpoint(step + 1, vae)
+                vae.train()
     vae.eval()
     # Latent statistics over 512 held-in scenes (for scaling_factor / shift_factor).
     with torch.no_grad():
@@ -336,17 +434,19 @@ def _encode_text_sd(comps, caps: list[str], device: str) -> torch.Tensor:
     return comps["text_encoder"](ids)[0]
 
 
-def train_denoiser(arch: str, comps: dict, *, steps: int, batch: int, size: int, device: str, state_dir: Path,
-                   resume: bool, seed: int, out: Path, lr: float, ckpt_every: int, meta: dict, log=None,
-                   ema_decay: float = 0.999, decoder_every: int = 0, decoder_lr: float = 3e-4,
-                   decoder_noise: float = 0.15) -> dict:
+def train_denoiser(arch: str, comps: dict, recipe: Recipe, *, device: str, state_dir: Path, resume: bool, out: Path,
+                   ckpt_every: int, meta: dict, log=None, decoder_lr: float = 3e-4, on_checkpoint=None) -> dict:
     """Phase 2: train the UNet (SD, v-prediction) or transformer (FLUX, flow matching) jointly with the
-    text encoder(s), on latents of the frozen VAE encoder.
+    text encoder(s), on latents of the frozen VAE encoder. on_checkpoint(step, out): called after each
+    checkpoint has rewritten the pipeline folder (the recipe study scores it there).
 
     decoder_every > 0: every that many steps also take one reconstruction step on the VAE *decoder* only
     (half the batch). The encoder stays frozen, so the latents the denoiser learns do not move, while the
     briefly trained decoder keeps sharpening. decoder_noise: the decoder sees latents plus Gaussian noise of
     std U(0, decoder_noise) (in units of the scaled latent), so it tolerates the small errors of sampled latents."""
+    r = recipe
+    steps, batch, size, lr, seed = r.steps, r.batch, r.size, r.lr, r.seed
+    decoder_every, decoder_noise = r.decoder_every or 0, r.decoder_noise
     vae = comps["vae"].to(device).eval().requires_grad_(False)
     dec_params = list(vae.decoder.parameters()) + (list(vae.post_quant_conv.parameters())
                                                    if vae.post_quant_conv is not None else [])
@@ -375,12 +475,11 @@ def train_denoiser(arch: str, comps: dict, *, steps: int, batch: int, size: int,
     gen = torch.Generator(device="cpu")
     t0 = time.time()
     loss_avg = dec_avg = None
-    for step in range(start, steps):
+    for step, (x, caps) in step_batches(start, steps, StepBatches(batch, size, 0, r.curriculum_steps), r.workers):
         for g in opt.param_groups:
             g["lr"] = _lr_at(step, steps, lr)
-        x, caps = batch_at(step * batch, batch, size)
         gen.manual_seed(seed * 1_000_003 + step)
-        drop = torch.rand(batch, generator=gen) < CAPTION_DROPOUT
+        drop = torch.rand(batch, generator=gen) < r.caption_dropout
         caps = ["" if d else c for d, c in zip(drop.tolist(), caps)]
         with torch.no_grad():
             post = vae.encode(x.to(device)).latent_dist
@@ -398,13 +497,13 @@ def train_denoiser(arch: str, comps: dict, *, steps: int, batch: int, size: int,
             w = torch.clamp(snr, max=5.0) / (snr + 1)  # min-SNR-5 for v-prediction
             loss = (w * ((pred - target) ** 2).mean(dim=(1, 2, 3))).mean()
         else:
-            loss = _flux_loss(comps, mods, z, noise, caps, gen, device, scale, shift)
+            loss = _flux_loss(comps, mods, z, noise, caps, gen, device, scale, shift, r.vae_factor)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         for k in trainable:
-            _ema_update(ema[k], mods[k], step, ema_decay)
+            _ema_update(ema[k], mods[k], step, r.ema_decay)
         if dec_opt is not None and step % decoder_every == 0:
             for g in dec_opt.param_groups:
                 g["lr"] = _lr_at(step, steps, decoder_lr, warmup=0)
@@ -438,10 +537,12 @@ def train_denoiser(arch: str, comps: dict, *, steps: int, batch: int, size: int,
             info = dict(meta, steps_done=step + 1, denoiser_wall_s=round(elapsed, 1), final_loss_avg=loss_avg)
             save_pipeline(arch, {**comps, **{k: ema[k] for k in trainable}}, out, info)
             _log(log, f"{arch}: checkpoint + pipeline saved at step {step + 1}")
+            if on_checkpoint is not None:
+                on_checkpoint(step + 1, out)
     return {"final_loss_avg": loss_avg, "elapsed": elapsed0 + time.time() - t0}
 
 
-def _flux_loss(comps, mods, z, noise, caps, gen, device, scale, shift):
+def _flux_loss(comps, mods, z, noise, caps, gen, device, scale, shift, factor):
     """Rectified-flow loss for FLUX: x_t = (1 - s) x0 + s noise, target noise - x0 (as FluxPipeline samples)."""
     from diffusers import FluxPipeline
 
@@ -461,38 +562,60 @@ def _flux_loss(comps, mods, z, noise, caps, gen, device, scale, shift):
     txt_ids = torch.zeros(t5.shape[1], 3, device=device, dtype=lat.dtype)
     pred = mods["transformer"](hidden_states=packed, timestep=s, guidance=None, pooled_projections=pooled,
                                encoder_hidden_states=t5, txt_ids=txt_ids, img_ids=img_ids).sample
-    pred = FluxPipeline._unpack_latents(pred, h * 4, w * 4, 4)  # (height, width, vae_scale_factor)
+    pred = FluxPipeline._unpack_latents(pred, h * factor, w * factor, factor)  # (height, width, vae_scale_factor)
     return ((pred - target) ** 2).mean()
 
 
-def train(arch: str, out: str | Path, *, steps: int, vae_steps: int, batch: int, seed: int = 0, device: str = "cpu",
-          resume: bool = False, size: int = IMAGE_SIZE, lr: float = 5e-4, state_dir: str | Path | None = None,
-          vae_from: str | Path | None = None, ckpt_every: int = 250, tiny: bool = False, threads: int | None = 1,
-          log_file: str | Path | None = None, decoder_every: int | None = None, decoder_noise: float = 0.15) -> dict:
-    if threads:
-        torch.set_num_threads(int(threads))
+def _load_folder(arch: str, folder: Path, comps: dict) -> None:
+    """Replace the trainable components (and the VAE) by a saved pipeline folder's, in fp32: training goes on
+    from shipped weights when the optimiser state is gone."""
+    import diffusers
+    from transformers import CLIPTextModel, T5EncoderModel
+
+    folder = Path(folder)
+    comps["vae"] = diffusers.AutoencoderKL.from_pretrained(str(folder / "vae"), dtype=torch.float32)
+    comps["text_encoder"] = CLIPTextModel.from_pretrained(str(folder / "text_encoder"), dtype=torch.float32)
+    if arch == "sd":
+        comps["unet"] = diffusers.UNet2DConditionModel.from_pretrained(str(folder / "unet"), dtype=torch.float32)
+    else:
+        comps["text_encoder_2"] = T5EncoderModel.from_pretrained(str(folder / "text_encoder_2"), dtype=torch.float32)
+        comps["transformer"] = diffusers.FluxTransformer2DModel.from_pretrained(str(folder / "transformer"),
+                                                                                dtype=torch.float32)
+
+
+def train(arch: str, out: str | Path, *, recipe: Optional[Recipe] = None, device: str = "cpu", resume: bool = False,
+          state_dir: str | Path | None = None, vae_from: str | Path | None = None, init_from: str | Path | None = None,
+          ckpt_every: int = 250, tiny: bool = False, log_file: str | Path | None = None, on_checkpoint=None,
+          vae_on_checkpoint=None, **settings) -> dict:
+    """Train a toy model into the pipeline folder ``out``. ``settings`` override fields of ``recipe``
+    (default :class:`Recipe`). vae_from: borrow a folder's VAE (frozen); init_from: start from a folder's
+    weights (VAE, text encoders, denoiser; resumes training of shipped weights without optimiser state)."""
+    r = (recipe or Recipe()).replace(**settings)
+    if r.threads:
+        torch.set_num_threads(int(r.threads))
     out = Path(out)
     state_dir = Path(state_dir) if state_dir else REPO_ROOT / "out" / "toy_train" / arch
     state_dir.mkdir(parents=True, exist_ok=True)
     log = open(log_file, "a") if log_file else None
     t_start = time.time()
-    comps = build_components(arch, size, tiny, seed)
-    meta = {"command": f"python -m attnlab.toyworld.train --arch {arch} --out {out} --steps {steps} "
-                       f"--vae-steps {vae_steps} --batch {batch} --seed {seed} --device {device}",
-            "arch": arch, "size": size, "steps": steps, "vae_steps": vae_steps, "batch": batch, "seed": seed,
-            "lr": lr, "device": device, "threads": threads, "train_seed_base": TRAIN_SEED_BASE,
-            "n_objects_p": dict(zip(map(str, N_OBJECTS), N_OBJECTS_P)), "caption_dropout": CAPTION_DROPOUT,
-            "torch": torch.__version__}
-    if decoder_every is None:  # keep sharpening our own decoder; a borrowed VAE stays as it is
-        decoder_every = 0 if vae_from else 1
-    meta["decoder_every"], meta["decoder_noise"] = decoder_every, decoder_noise
-    meta["command"] += f" --decoder-every {decoder_every} --decoder-noise {decoder_noise}" + (f" --vae-from {vae_from}" if vae_from else "")
+    comps = build_components(arch, r.size, tiny, r.seed, r)
+    if r.decoder_every is None:  # keep sharpening our own decoder; a borrowed VAE stays as it is
+        r = r.replace(decoder_every=0 if vae_from else 1)
+    meta = {"command": command_line(arch, out, r, device, vae_from, init_from), "arch": arch,
+            **dataclasses.asdict(r), "device": device, "train_seed_base": TRAIN_SEED_BASE,
+            "n_objects_p": dict(zip(map(str, N_OBJECTS), N_OBJECTS_P)),
+            "curriculum_p": dict(zip(map(str, N_OBJECTS), CURRICULUM_P)), "torch": torch.__version__}
     stats_path = state_dir / "vae_stats.json"
-    if vae_from:
+    if init_from and not (resume and (state_dir / f"{arch}_denoiser.pt").exists()):
+        _load_folder(arch, init_from, comps)
+        meta["init_from"] = str(init_from)
+        meta["vae_latent_stats"] = _training_info_of(init_from).get("vae_latent_stats")
+        _log(log, f"weights loaded from {init_from}")
+    elif vae_from:
         import diffusers
-        src = diffusers.AutoencoderKL.from_pretrained(str(Path(vae_from) / "vae"), dtype=torch.float32)
-        comps["vae"] = src
+        comps["vae"] = diffusers.AutoencoderKL.from_pretrained(str(Path(vae_from) / "vae"), dtype=torch.float32)
         meta["vae_from"] = str(vae_from)
+        meta["vae_latent_stats"] = _training_info_of(vae_from).get("vae_latent_stats")
         _log(log, f"vae loaded from {vae_from}")
     else:
         if resume and stats_path.exists():
@@ -502,16 +625,16 @@ def train(arch: str, out: str | Path, *, steps: int, vae_steps: int, batch: int,
             _log(log, "vae: phase 1 already done, loaded")
         else:
             t_vae = time.time()
-            stats = train_vae(comps["vae"], steps=vae_steps, batch=max(8, batch // 2), size=size, device=device,
-                              state_dir=state_dir, resume=resume, seed=seed, log=log)
+            stats = train_vae(comps["vae"], steps=r.vae_steps, batch=r.vae_batch, size=r.size, device=device,
+                              state_dir=state_dir, resume=resume, seed=r.seed, lr=r.vae_lr, kl_weight=r.vae_kl, log=log,
+                              on_checkpoint=vae_on_checkpoint, workers=r.workers)
             stats["wall_s"] = round(time.time() - t_vae, 1)
             stats_path.write_text(json.dumps(stats))
         comps["vae"].register_to_config(scaling_factor=1.0 / stats["std"], shift_factor=stats["mean"])
         meta["vae_latent_stats"] = stats
     comps["vae"] = comps["vae"].to("cpu").float()
-    res = train_denoiser(arch, comps, steps=steps, batch=batch, size=size, device=device, state_dir=state_dir,
-                         resume=resume, seed=seed, out=out, lr=lr, ckpt_every=ckpt_every, meta=meta, log=log,
-                         decoder_every=decoder_every, decoder_noise=decoder_noise)
+    res = train_denoiser(arch, comps, r, device=device, state_dir=state_dir, resume=resume, out=out,
+                         ckpt_every=ckpt_every, meta=meta, log=log, on_checkpoint=on_checkpoint)
     res["total_wall_s"] = time.time() - t_start
     _log(log, f"done: {res}")
     if log:
@@ -519,35 +642,59 @@ def train(arch: str, out: str | Path, *, steps: int, vae_steps: int, batch: int,
     return res
 
 
+def _training_info_of(folder) -> dict:
+    f = Path(folder) / "training.json"
+    return json.loads(f.read_text()) if f.is_file() else {}
+
+
+def command_line(arch: str, out, r: Recipe, device: str = "cpu", vae_from=None, init_from=None) -> str:
+    """The train command that reproduces recipe ``r`` (every setting that differs from the defaults)."""
+    cmd = f"python -m attnlab.toyworld.train --arch {arch} --out {out}"
+    for f in fields(Recipe):
+        v = getattr(r, f.name)
+        if v != f.default:
+            flag = "--" + f.name.replace("_", "-")
+            if isinstance(v, bool):
+                cmd += f" {flag}" if v else ""
+            elif isinstance(v, tuple):
+                cmd += f" {flag} {','.join(map(str, v))}"
+            else:
+                cmd += f" {flag} {v}"
+    if device != "cpu":
+        cmd += f" --device {device}"
+    for name, v in (("--vae-from", vae_from), ("--init-from", init_from)):
+        if v:
+            cmd += f" {name} {v}"
+    return cmd
+
+
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--arch", choices=("sd", "flux"), default="sd")
     p.add_argument("--out", required=True)
-    p.add_argument("--steps", type=int, default=None,
-                   help=f"denoiser (+ text encoder) steps (default: {DEFAULT_STEPS})")
-    p.add_argument("--vae-steps", type=int, default=2000, help="VAE steps (phase 1; batch = --batch / 2)")
-    p.add_argument("--batch", type=int, default=32)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default="cpu", help="cpu or cuda (cuda path prepared, untested here)")
-    p.add_argument("--lr", type=float, default=5e-4)
-    p.add_argument("--size", type=int, default=IMAGE_SIZE)
+    for f in fields(Recipe):  # every recipe setting is a flag: --vae-factor 2, --unet-blocks 32,64,128, --zero-snr
+        flag = "--" + f.name.replace("_", "-")
+        if f.type in (bool, "bool"):
+            p.add_argument(flag, action="store_true", default=f.default)
+        elif isinstance(f.default, tuple):
+            p.add_argument(flag, type=lambda v: tuple(int(x) for x in v.split(",")), default=f.default)
+        else:
+            conv = float if isinstance(f.default, float) else int
+            p.add_argument(flag, type=conv, default=f.default)
+    p.add_argument("--device", default="cpu", help="cpu or cuda")
     p.add_argument("--resume", action="store_true")
     p.add_argument("--state-dir", default=None)
     p.add_argument("--vae-from", default=None, help="reuse the VAE of a saved pipeline folder (e.g. models/toy/sd)")
+    p.add_argument("--init-from", default=None, help="start from a saved pipeline folder's weights")
     p.add_argument("--ckpt-every", type=int, default=250)
-    p.add_argument("--threads", type=int, default=1, help="torch CPU threads (0 = torch default)")
-    p.add_argument("--decoder-every", type=int, default=None,
-                   help="one VAE-decoder step every N denoiser steps (default 1; 0 with --vae-from)")
-    p.add_argument("--decoder-noise", type=float, default=0.15, help="latent noise for the decoder steps")
     p.add_argument("--tiny", action="store_true", help="tiny components (smoke tests)")
     p.add_argument("--log-file", default=None)
     a = p.parse_args(argv)
     if a.device.startswith("cuda") and not torch.cuda.is_available():
         raise SystemExit("--device cuda requested but torch.cuda.is_available() is False")
-    train(a.arch, a.out, steps=a.steps if a.steps is not None else DEFAULT_STEPS[a.arch], vae_steps=a.vae_steps, batch=a.batch, seed=a.seed, device=a.device,
-          resume=a.resume, size=a.size, lr=a.lr, state_dir=a.state_dir, vae_from=a.vae_from,
-          ckpt_every=a.ckpt_every, tiny=a.tiny, threads=a.threads, log_file=a.log_file, decoder_every=a.decoder_every,
-          decoder_noise=a.decoder_noise)
+    settings = {f.name: getattr(a, f.name) for f in fields(Recipe)}
+    train(a.arch, a.out, device=a.device, resume=a.resume, state_dir=a.state_dir, vae_from=a.vae_from,
+          init_from=a.init_from, ckpt_every=a.ckpt_every, tiny=a.tiny, log_file=a.log_file, **settings)
 
 
 if __name__ == "__main__":
