@@ -120,3 +120,17 @@ def test_evaluate_scores_generated_strict_vae_and_clean():
     assert res["clean_renders"]["single_colour_shape"] == 1.0 and res["clean_renders"]["background_style"] == 1.0
     assert set(res["passes_bar"]) == {"single_colour_shape", "two_object_both", "background_style"}
     assert "VAE" in format_table(res).splitlines()[0]
+
+
+@pytest.mark.parametrize("arch", ["sd", "flux"])
+def test_training_configs_fit_comfyui_model_classes(arch):
+    """What the training builds can be built by ComfyUI's own classes (32-group norms, >= 32-channel VAE
+    blocks with mid attention, one UNet head width, FLUX RoPE axes filling the head), so a loader can follow."""
+    from attnlab.toyworld.models import comfy_incompatibilities
+    from attnlab.toyworld.train import Recipe, specs
+
+    assert comfy_incompatibilities(specs(arch)) == []
+    assert comfy_incompatibilities(specs(arch, recipe=Recipe(vae_factor=2, latent_channels=4))) == []
+    old = {"vae": {"norm_num_groups": 16, "block_out_channels": [16, 32, 64]},
+           "unet": {"norm_num_groups": 8, "block_out_channels": [32, 64, 128], "attention_head_dim": [2, 4, 4]}}
+    assert len(comfy_incompatibilities(old)) == 4  # the models shipped before toy world v2

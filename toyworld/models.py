@@ -99,3 +99,45 @@ def load_toy_pipeline(name: str = "sd", device: str = "cpu", dtype=None, path: s
         pipe.default_sample_size = int(_training_info(folder).get("size", 48)) // pipe.vae_scale_factor
     pipe.set_progress_bar_config(disable=True)
     return pipe.to(device)
+
+
+def comfy_incompatibilities(configs: dict) -> list[str]:
+    """What keeps ComfyUI's own model classes from building a toy model with these component configs
+    (``{"vae": {...}, "unet" | "transformer": {...}}``, diffusers config dicts); [] when nothing does.
+
+    ComfyUI's VAE (``Normalize``) and UNet (``GroupNorm32``) hard-code 32-group norms, its VAE always has the
+    mid-block attention, its UNet takes one head width (``num_head_channels``) for every level, and its
+    ``Flux`` class packs 2x2 latent patches into tokens whose RoPE axes must fill the head width."""
+    problems = []
+    vae = configs.get("vae") or {}
+    if vae:
+        if vae.get("norm_num_groups") != 32:
+            problems.append(f"vae: norm_num_groups {vae.get('norm_num_groups')} (ComfyUI's VAE uses 32)")
+        if any(c % 32 for c in vae.get("block_out_channels", ())):
+            problems.append(f"vae: block_out_channels {list(vae['block_out_channels'])} not multiples of 32")
+        if not vae.get("mid_block_add_attention", True):
+            problems.append("vae: no mid-block attention (ComfyUI's VAE always has one)")
+    unet = configs.get("unet")
+    if unet:
+        blocks = list(unet["block_out_channels"])
+        heads = unet.get("num_attention_heads") or unet.get("attention_head_dim")
+        heads = [heads] * len(blocks) if isinstance(heads, int) else list(heads)
+        if unet.get("norm_num_groups") != 32 or any(c % 32 for c in blocks):
+            problems.append(f"unet: norm_num_groups {unet.get('norm_num_groups')} / channels {blocks} "
+                            "(ComfyUI's GroupNorm32 needs 32 groups)")
+        widths = {c // h for c, h in zip(blocks, heads)}
+        if len(widths) != 1:
+            problems.append(f"unet: head widths {sorted(widths)} differ across levels (ComfyUI takes one)")
+    flux = configs.get("transformer")
+    if flux:
+        if flux.get("patch_size", 1) != 1 or flux["in_channels"] % 4:
+            problems.append("transformer: expected diffusers' packed 2x2 patches (patch_size 1, in_channels 4*c)")
+        if sum(flux["axes_dims_rope"]) != flux["attention_head_dim"]:
+            problems.append("transformer: RoPE axes do not fill the head width")
+    return problems
+
+
+def folder_configs(folder: str | Path) -> dict:
+    """The component config dicts of a saved pipeline folder."""
+    folder = Path(folder)
+    return {p.parent.name: json.loads(p.read_text()) for p in folder.glob("*/config.json")}

@@ -203,6 +203,21 @@ class Recipe:
         return dataclasses.replace(self, **kw)
 
 
+RECIPE_HELP = {
+    "size": "image side in pixels", "vae_factor": "pixels per latent cell (2, 4 or 8)",
+    "latent_channels": "VAE latent channels", "vae_steps": "VAE steps (phase 1)", "vae_batch": "VAE batch",
+    "vae_lr": "VAE learning rate", "vae_kl": "VAE KL weight", "steps": "denoiser (+ text encoder) steps",
+    "batch": "denoiser batch", "lr": "denoiser learning rate (warm-up 100, cosine to 10 %%)",
+    "unet_blocks": "UNet channels per level, multiples of 32 (e.g. 32,64,128)",
+    "flux_blocks": "FLUX double,single block counts", "text_width": "text encoder width",
+    "caption_dropout": "share of empty captions (for classifier-free guidance)", "ema_decay": "EMA decay",
+    "curriculum_steps": "first N steps on one- and two-object scenes only", "zero_snr": "SD: zero terminal SNR betas",
+    "decoder_every": "one VAE-decoder step every N denoiser steps (default 1; 0 with --vae-from)",
+    "decoder_noise": "latent noise for the decoder steps", "seed": "random seed",
+    "threads": "torch CPU threads (0 = torch default)", "workers": "processes rendering training batches",
+}
+
+
 def unet_spec(latent: int, latent_channels: int, blocks=(32, 64, 128), text_width: int = 128, tiny: bool = False) -> dict:
     """UNet2DConditionModel config in ComfyUI's terms: 32-group norms, one head width (32) on every level.
     Latents of 24 cells and more keep the finest level attention-free (as SDXL does), for speed."""
@@ -435,7 +450,8 @@ def _encode_text_sd(comps, caps: list[str], device: str) -> torch.Tensor:
 
 
 def train_denoiser(arch: str, comps: dict, recipe: Recipe, *, device: str, state_dir: Path, resume: bool, out: Path,
-                   ckpt_every: int, meta: dict, log=None, decoder_lr: float = 3e-4, on_checkpoint=None) -> dict:
+                   ckpt_every: int, meta: dict, log=None, decoder_lr: float = 3e-4, on_checkpoint=None,
+                   deadline: Optional[float] = None) -> dict:
     """Phase 2: train the UNet (SD, v-prediction) or transformer (FLUX, flow matching) jointly with the
     text encoder(s), on latents of the frozen VAE encoder. on_checkpoint(step, out): called after each
     checkpoint has rewritten the pipeline folder (the recipe study scores it there).
@@ -525,11 +541,12 @@ def train_denoiser(arch: str, comps: dict, recipe: Recipe, *, device: str, state
             dec_avg = dec_loss.item() if dec_avg is None else 0.95 * dec_avg + 0.05 * dec_loss.item()
         loss_avg = loss.item() if loss_avg is None else 0.98 * loss_avg + 0.02 * loss.item()
         elapsed = elapsed0 + time.time() - t0
+        out_of_time = deadline is not None and time.time() > deadline
         if step % 25 == 0 or step == steps - 1:
             dec = f" dec {dec_avg:.4f}" if dec_avg is not None else ""
             _log(log, f"{arch} step {step} loss {loss.item():.4f} avg {loss_avg:.4f} lr {opt.param_groups[0]['lr']:.2e}"
                       f"{dec} ({elapsed:.0f}s)")
-        if (step + 1) % ckpt_every == 0 or step == steps - 1:
+        if (step + 1) % ckpt_every == 0 or step == steps - 1 or out_of_time:
             torch.save({"model": {k: m.state_dict() for k, m in mods.items()},
                         "ema": {k: m.state_dict() for k, m in ema.items()}, "opt": opt.state_dict(),
                         "step": step + 1, "elapsed": elapsed, "vae": vae.state_dict(),
@@ -539,6 +556,9 @@ def train_denoiser(arch: str, comps: dict, recipe: Recipe, *, device: str, state
             _log(log, f"{arch}: checkpoint + pipeline saved at step {step + 1}")
             if on_checkpoint is not None:
                 on_checkpoint(step + 1, out)
+        if out_of_time:
+            _log(log, f"{arch}: time limit reached at step {step + 1} of {steps}; weights saved")
+            break
     return {"final_loss_avg": loss_avg, "elapsed": elapsed0 + time.time() - t0}
 
 
@@ -586,10 +606,11 @@ def _load_folder(arch: str, folder: Path, comps: dict) -> None:
 def train(arch: str, out: str | Path, *, recipe: Optional[Recipe] = None, device: str = "cpu", resume: bool = False,
           state_dir: str | Path | None = None, vae_from: str | Path | None = None, init_from: str | Path | None = None,
           ckpt_every: int = 250, tiny: bool = False, log_file: str | Path | None = None, on_checkpoint=None,
-          vae_on_checkpoint=None, **settings) -> dict:
+          vae_on_checkpoint=None, max_minutes: Optional[float] = None, **settings) -> dict:
     """Train a toy model into the pipeline folder ``out``. ``settings`` override fields of ``recipe``
     (default :class:`Recipe`). vae_from: borrow a folder's VAE (frozen); init_from: start from a folder's
-    weights (VAE, text encoders, denoiser; resumes training of shipped weights without optimiser state)."""
+    weights (VAE, text encoders, denoiser; resumes training of shipped weights without optimiser state).
+    max_minutes: stop the denoiser phase (weights saved) once this much wall time has passed since the start."""
     r = (recipe or Recipe()).replace(**settings)
     if r.threads:
         torch.set_num_threads(int(r.threads))
@@ -598,6 +619,7 @@ def train(arch: str, out: str | Path, *, recipe: Optional[Recipe] = None, device
     state_dir.mkdir(parents=True, exist_ok=True)
     log = open(log_file, "a") if log_file else None
     t_start = time.time()
+    deadline = t_start + 60 * max_minutes if max_minutes else None
     comps = build_components(arch, r.size, tiny, r.seed, r)
     if r.decoder_every is None:  # keep sharpening our own decoder; a borrowed VAE stays as it is
         r = r.replace(decoder_every=0 if vae_from else 1)
@@ -634,7 +656,7 @@ def train(arch: str, out: str | Path, *, recipe: Optional[Recipe] = None, device
         meta["vae_latent_stats"] = stats
     comps["vae"] = comps["vae"].to("cpu").float()
     res = train_denoiser(arch, comps, r, device=device, state_dir=state_dir, resume=resume, out=out,
-                         ckpt_every=ckpt_every, meta=meta, log=log, on_checkpoint=on_checkpoint)
+                         ckpt_every=ckpt_every, meta=meta, log=log, on_checkpoint=on_checkpoint, deadline=deadline)
     res["total_wall_s"] = time.time() - t_start
     _log(log, f"done: {res}")
     if log:
@@ -673,14 +695,14 @@ def main(argv=None) -> None:
     p.add_argument("--arch", choices=("sd", "flux"), default="sd")
     p.add_argument("--out", required=True)
     for f in fields(Recipe):  # every recipe setting is a flag: --vae-factor 2, --unet-blocks 32,64,128, --zero-snr
-        flag = "--" + f.name.replace("_", "-")
+        flag, h = "--" + f.name.replace("_", "-"), RECIPE_HELP[f.name] + " (default: %(default)s)"
         if f.type in (bool, "bool"):
-            p.add_argument(flag, action="store_true", default=f.default)
+            p.add_argument(flag, action="store_true", default=f.default, help=RECIPE_HELP[f.name])
         elif isinstance(f.default, tuple):
-            p.add_argument(flag, type=lambda v: tuple(int(x) for x in v.split(",")), default=f.default)
+            p.add_argument(flag, type=lambda v: tuple(int(x) for x in v.split(",")), default=f.default, help=h)
         else:
             conv = float if isinstance(f.default, float) else int
-            p.add_argument(flag, type=conv, default=f.default)
+            p.add_argument(flag, type=conv, default=f.default, help=h)
     p.add_argument("--device", default="cpu", help="cpu or cuda")
     p.add_argument("--resume", action="store_true")
     p.add_argument("--state-dir", default=None)
@@ -688,13 +710,15 @@ def main(argv=None) -> None:
     p.add_argument("--init-from", default=None, help="start from a saved pipeline folder's weights")
     p.add_argument("--ckpt-every", type=int, default=250)
     p.add_argument("--tiny", action="store_true", help="tiny components (smoke tests)")
+    p.add_argument("--max-minutes", type=float, default=None, help="stop (weights saved) after this much wall time")
     p.add_argument("--log-file", default=None)
     a = p.parse_args(argv)
     if a.device.startswith("cuda") and not torch.cuda.is_available():
         raise SystemExit("--device cuda requested but torch.cuda.is_available() is False")
     settings = {f.name: getattr(a, f.name) for f in fields(Recipe)}
     train(a.arch, a.out, device=a.device, resume=a.resume, state_dir=a.state_dir, vae_from=a.vae_from,
-          init_from=a.init_from, ckpt_every=a.ckpt_every, tiny=a.tiny, log_file=a.log_file, **settings)
+          init_from=a.init_from, ckpt_every=a.ckpt_every, tiny=a.tiny, log_file=a.log_file, max_minutes=a.max_minutes,
+          **settings)
 
 
 if __name__ == "__main__":
