@@ -134,3 +134,22 @@ def test_training_configs_fit_comfyui_model_classes(arch):
     old = {"vae": {"norm_num_groups": 16, "block_out_channels": [16, 32, 64]},
            "unet": {"norm_num_groups": 8, "block_out_channels": [32, 64, 128], "attention_head_dim": [2, 4, 4]}}
     assert len(comfy_incompatibilities(old)) == 4  # the models shipped before toy world v2
+
+
+def test_recipe_study_runs_score_checkpoints_and_plot(tmp_path):
+    """The recipe study (toyworld.recipe): a VAE run and a denoiser run on it, each scored on validation
+    scenes at every checkpoint, and their learning curves plotted (tiny sizes)."""
+    from attnlab.toyworld import recipe
+
+    kw = dict(study_dir=tmp_path, tiny=True)
+    v = recipe.run_vae("v", factor=2, latent_channels=4, steps=2, batch=2, lr=1e-3, kl_weight=1e-6, size=32,
+                       threads=1, eval_every=2, n_val=2, object_weight=10.0, **kw)
+    assert [r["step"] for r in v["curve"]] == [2] and 0 <= v["curve"][0]["objects_medium_large"] <= 1
+    folder = recipe.save_vae_folder("v", tmp_path / "vae_v", factor=2, latent_channels=4, size=32, **kw)
+    assert json.loads((folder / "training.json").read_text())["vae_latent_stats"]["std"] > 0
+    d = recipe.run_denoiser("d", "sd", vae_from=str(folder), n_val=1, eval_every=2, steps=2, batch=2, size=32,
+                            vae_factor=2, latent_channels=4, threads=1, **kw)
+    assert [r["step"] for r in d["curve"]] == [2] and 0 <= d["curve"][0]["background_style"] <= 1
+    recipe.plot([str(tmp_path / "v.json")], str(tmp_path / "v.png"), ("objects_medium_large",))
+    recipe.plot([str(tmp_path / "d.json")], str(tmp_path / "d.png"), ("single_colour_shape", "background_style"))
+    assert (tmp_path / "v.png").stat().st_size > 1000 and (tmp_path / "d.png").stat().st_size > 1000

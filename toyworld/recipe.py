@@ -25,19 +25,25 @@ STUDY_DIR = T.REPO_ROOT / "out" / "recipe"
 
 
 def run_vae(name: str, *, factor: int, latent_channels: int, steps: int, batch: int, lr: float, kl_weight: float,
-            size: int, threads: int, eval_every: int, n_val: int = 100, resume: bool = False) -> dict:
+            size: int, threads: int, eval_every: int, n_val: int = 100, resume: bool = False,
+            object_weight: float = 1.0, init: str | None = None, study_dir: Path = STUDY_DIR,
+            tiny: bool = False) -> dict:
     import diffusers
 
     torch.set_num_threads(threads)
-    state = STUDY_DIR / name
+    study_dir = Path(study_dir)
+    state = study_dir / name
     state.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(0)
-    vae = diffusers.AutoencoderKL(**T.vae_spec(size, factor, latent_channels))
+    vae = diffusers.AutoencoderKL(**T.vae_spec(size, factor, latent_channels, tiny=tiny))
+    if init:  # warm start from another study run's weights (a new schedule, a new optimiser)
+        vae.load_state_dict(torch.load(study_dir / init / "vae_weights.pt", map_location="cpu"))
     rec = {"name": name, "kind": "vae", "factor": factor, "latent_channels": latent_channels, "steps": steps,
-           "batch": batch, "lr": lr, "kl_weight": kl_weight, "size": size, "threads": threads,
+           "batch": batch, "lr": lr, "kl_weight": kl_weight, "object_weight": object_weight, "init": init,
+           "size": size, "threads": threads,
            "params_M": sum(p.numel() for p in vae.parameters()) / 1e6, "curve": []}
     t0 = time.time()
-    prev = STUDY_DIR / f"{name}.json"
+    prev = study_dir / f"{name}.json"
     if resume and prev.exists():  # a longer schedule continues the same curve (its rows keep their wall time)
         old = json.loads(prev.read_text())
         rec["curve"], rec["resumed_from_steps"] = old["curve"], old["steps"]
@@ -50,23 +56,24 @@ def run_vae(name: str, *, factor: int, latent_channels: int, steps: int, batch: 
                                     "background_style")}}
         rec["curve"].append(row)
         print(f"[{name}] {row}", flush=True)
-        (STUDY_DIR / f"{name}.json").write_text(json.dumps(rec, indent=2) + "\n")
+        (study_dir / f"{name}.json").write_text(json.dumps(rec, indent=2) + "\n")
         torch.save(model.state_dict(), state / "vae_weights.pt")
 
     T.train_vae(vae, steps=steps, batch=batch, size=size, device="cpu", state_dir=state, resume=resume, seed=0,
-                lr=lr, ckpt_every=eval_every, kl_weight=kl_weight, on_checkpoint=score)
+                lr=lr, ckpt_every=eval_every, kl_weight=kl_weight, on_checkpoint=score, object_weight=object_weight)
     rec["wall_s"] = round(time.time() - t0, 1)
-    (STUDY_DIR / f"{name}.json").write_text(json.dumps(rec, indent=2) + "\n")
+    (study_dir / f"{name}.json").write_text(json.dumps(rec, indent=2) + "\n")
     return rec
 
 
-def save_vae_folder(name: str, folder: Path, *, factor: int, latent_channels: int, size: int = T.IMAGE_SIZE) -> Path:
+def save_vae_folder(name: str, folder: Path, *, factor: int, latent_channels: int, size: int = T.IMAGE_SIZE,
+                    study_dir: Path = STUDY_DIR, tiny: bool = False) -> Path:
     """The study VAE ``name`` as a pipeline-like folder (``vae/`` + training.json with its latent statistics),
     for ``train(..., vae_from=folder)``."""
     import diffusers
 
-    vae = diffusers.AutoencoderKL(**T.vae_spec(size, factor, latent_channels))
-    vae.load_state_dict(torch.load(STUDY_DIR / name / "vae_weights.pt", map_location="cpu"))
+    vae = diffusers.AutoencoderKL(**T.vae_spec(size, factor, latent_channels, tiny=tiny))
+    vae.load_state_dict(torch.load(Path(study_dir) / name / "vae_weights.pt", map_location="cpu"))
     vae.eval()
     with torch.no_grad():
         z = torch.cat([vae.encode(T.batch_at(b, 64, size)[0]).latent_dist.mean for b in range(0, 512, 64)])
@@ -78,14 +85,16 @@ def save_vae_folder(name: str, folder: Path, *, factor: int, latent_channels: in
     return folder
 
 
-def run_denoiser(name: str, arch: str, *, vae_from: str, n_val: int = 50, eval_every: int = 500, **settings) -> dict:
+def run_denoiser(name: str, arch: str, *, vae_from: str, n_val: int = 50, eval_every: int = 500,
+                 study_dir: Path = STUDY_DIR, tiny: bool = False, **settings) -> dict:
     """One denoiser variant on a frozen study VAE; every checkpoint is scored on n_val one-object + n_val
     two-object validation prompts with the model's default sampling settings."""
     from .evaluate import evaluate
     from .models import load_toy_pipeline, toy_call_kwargs
 
     r = T.Recipe().replace(decoder_every=0, **settings)
-    out = STUDY_DIR / name / "pipeline"
+    study_dir = Path(study_dir)
+    out = study_dir / name / "pipeline"
     rec = {"name": name, "kind": arch, "vae_from": str(vae_from), **{k: v for k, v in settings.items()}, "curve": []}
     t0 = time.time()
     eval_s = [0.0]
@@ -102,13 +111,12 @@ def run_denoiser(name: str, arch: str, *, vae_from: str, n_val: int = 50, eval_e
                                     "two_object_relation", "background_style")}}
         rec["curve"].append(row)
         print(f"[{name}] {row}", flush=True)
-        (STUDY_DIR / f"{name}.json").write_text(json.dumps(rec, indent=2, default=str) + "\n")
+        (study_dir / f"{name}.json").write_text(json.dumps(rec, indent=2, default=str) + "\n")
 
-    T.train(arch, out, recipe=r, state_dir=STUDY_DIR / name / "state", vae_from=vae_from,
-            ckpt_every=eval_every,
-            log_file=STUDY_DIR / f"{name}.train.log", on_checkpoint=score)
+    T.train(arch, out, recipe=r, state_dir=study_dir / name / "state", vae_from=vae_from, ckpt_every=eval_every,
+            log_file=study_dir / f"{name}.train.log", on_checkpoint=score, tiny=tiny)
     rec["wall_s_train"] = round(time.time() - t0 - eval_s[0], 1)
-    (STUDY_DIR / f"{name}.json").write_text(json.dumps(rec, indent=2, default=str) + "\n")
+    (study_dir / f"{name}.json").write_text(json.dumps(rec, indent=2, default=str) + "\n")
     return rec
 
 
@@ -150,6 +158,8 @@ def main(argv=None) -> None:
     v.add_argument("--threads", type=int, default=1)
     v.add_argument("--eval-every", type=int, default=250)
     v.add_argument("--resume", action="store_true")
+    v.add_argument("--object-weight", type=float, default=1.0)
+    v.add_argument("--init", default=None, help="start from this study run's weights")
     d = sub.add_parser("denoiser", help="one denoiser variant on a study VAE (recipe settings as KEY=VALUE)")
     d.add_argument("--name", required=True)
     d.add_argument("--arch", choices=("sd", "flux"), default="sd")
@@ -169,7 +179,8 @@ def main(argv=None) -> None:
     a = p.parse_args(argv)
     if a.cmd == "vae":
         run_vae(a.name, factor=a.factor, latent_channels=a.latent_channels, steps=a.steps, batch=a.batch, lr=a.lr,
-                kl_weight=a.kl_weight, size=a.size, threads=a.threads, eval_every=a.eval_every, resume=a.resume)
+                kl_weight=a.kl_weight, size=a.size, threads=a.threads, eval_every=a.eval_every, resume=a.resume,
+                object_weight=a.object_weight, init=a.init)
     elif a.cmd == "vae-folder":
         save_vae_folder(a.name, Path(a.out), factor=a.factor, latent_channels=a.latent_channels)
     elif a.cmd == "denoiser":
