@@ -118,7 +118,8 @@ def test_evaluate_scores_generated_strict_vae_and_clean():
     for key in ("generated", "generated_strict_edges", "vae_roundtrip", "clean_renders"):
         assert res[key]["n_single"] == 2 and res[key]["n_two"] == 2
     assert res["clean_renders"]["single_colour_shape"] == 1.0 and res["clean_renders"]["background_style"] == 1.0
-    assert set(res["passes_bar"]) == {"single_colour_shape", "two_object_both", "background_style"}
+    assert set(res["passes_bar"]) == {"single_colour_shape", "two_object_both", "two_object_relation_of_hits", "background_style"}
+    assert set(res["passes_floor"]) == {"single_colour_shape", "two_object_both", "background_style"}
     assert "VAE" in format_table(res).splitlines()[0]
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import time
 from pathlib import Path
 
@@ -120,6 +121,19 @@ def run_denoiser(name: str, arch: str, *, vae_from: str, n_val: int = 50, eval_e
     return rec
 
 
+_LOSS_LINE = re.compile(r"\] (?:sd|flux) step (\d+) loss \S+ avg (\S+) lr \S+(?: dec \S+)? \((\d+)s\)")
+
+
+def loss_curve(log_path) -> list[dict]:
+    """The denoiser's running-mean training loss from a run's train log: rows {step, wall_s, loss}."""
+    rows = []
+    for line in Path(log_path).read_text().splitlines():
+        m = _LOSS_LINE.search(line)
+        if m:
+            rows.append({"step": int(m.group(1)), "wall_s": float(m.group(3)), "loss": float(m.group(2))})
+    return rows
+
+
 def plot(paths: list[str], out: str, metrics: tuple[str, ...]) -> None:
     import matplotlib
 
@@ -127,15 +141,23 @@ def plot(paths: list[str], out: str, metrics: tuple[str, ...]) -> None:
     import matplotlib.pyplot as plt
 
     runs = [json.loads(Path(p).read_text()) for p in paths]
+    for p, r in zip(paths, runs):
+        log = Path(p).with_suffix(".train.log")
+        if "loss" in metrics and log.is_file():
+            r["curve"] = r["curve"] + loss_curve(log)
+    for p, r in zip(paths, runs):  # a warm-started run continues its parent's time axis
+        parent = Path(p).parent / f"{r.get('init')}.json"
+        r["offset_s"] = json.loads(parent.read_text())["curve"][-1]["wall_s"] if r.get("init") and parent.is_file() else 0.0
     fig, axes = plt.subplots(1, len(metrics), figsize=(4.2 * len(metrics), 3.4), squeeze=False)
     for ax, m in zip(axes[0], metrics):
         for r in runs:
-            xs = [row["wall_s"] / 60 for row in r["curve"] if m in row]
-            ys = [100 * row[m] for row in r["curve"] if m in row]
-            ax.plot(xs, ys, marker="o", ms=3, label=r["name"])
-        ax.set_title(m.replace("_", " "))
+            rows = sorted((row for row in r["curve"] if m in row), key=lambda row: row["wall_s"])
+            xs = [(r["offset_s"] + row["wall_s"]) / 60 for row in rows]
+            ys = [row[m] if m == "loss" else 100 * row[m] for row in rows]
+            ax.plot(xs, ys, marker="o" if m != "loss" else None, ms=3, label=r["name"])
+        ax.set_title(m.replace("_", " ") + (" (running mean)" if m == "loss" else ""))
         ax.set_xlabel("minutes (2 CPU cores shared)")
-        ax.set_ylabel("% on validation scenes")
+        ax.set_ylabel("training loss" if m == "loss" else "% on validation scenes")
         ax.grid(alpha=0.3)
     axes[0][0].legend(fontsize=7)
     fig.tight_layout()
