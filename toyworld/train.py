@@ -176,22 +176,22 @@ class Recipe:
     size: int = IMAGE_SIZE
     vae_factor: int = VAE_FACTOR
     latent_channels: int = LATENT_CHANNELS
-    vae_steps: int = 2000
+    vae_steps: int = 4500
     vae_batch: int = 16
     vae_lr: float = 1e-3
     vae_kl: float = VAE_KL_WEIGHT
     vae_object_weight: float = 10.0  # loss weight of object pixels (and their edge ring) in the VAE phase
-    steps: int = 9000
+    steps: int = 5200
     batch: int = 32
-    lr: float = 5e-4
+    lr: float = 1e-3
     unet_blocks: tuple = (32, 64, 128)
     flux_blocks: tuple = (2, 4)  # double, single
     text_width: int = 128
     caption_dropout: float = CAPTION_DROPOUT
     ema_decay: float = 0.999
-    curriculum_steps: int = 0  # the first N steps draw 1-2 object scenes only (CURRICULUM_P)
+    curriculum_steps: int = 1500  # the first N steps draw 1-2 object scenes only (CURRICULUM_P)
     zero_snr: bool = False  # SD: betas rescaled to zero terminal SNR (v-prediction)
-    decoder_every: Optional[int] = None  # None: 1 with our own VAE, 0 with a borrowed one
+    decoder_every: Optional[int] = 0  # > 0: keep sharpening the decoder during phase 2 (v1 did; None: 1 with our own VAE)
     decoder_noise: float = 0.15
     seed: int = 0
     threads: Optional[int] = 2
@@ -214,7 +214,7 @@ RECIPE_HELP = {
     "flux_blocks": "FLUX double,single block counts", "text_width": "text encoder width",
     "caption_dropout": "share of empty captions (for classifier-free guidance)", "ema_decay": "EMA decay",
     "curriculum_steps": "first N steps on one- and two-object scenes only", "zero_snr": "SD: zero terminal SNR betas",
-    "decoder_every": "one VAE-decoder step every N denoiser steps (default 1; 0 with --vae-from)",
+    "decoder_every": "one VAE-decoder step every N denoiser steps (0: none)",
     "decoder_noise": "latent noise for the decoder steps", "seed": "random seed",
     "threads": "torch CPU threads (0 = torch default)", "workers": "processes rendering training batches",
 }
