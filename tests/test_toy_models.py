@@ -154,3 +154,27 @@ def test_recipe_study_runs_score_checkpoints_and_plot(tmp_path):
     recipe.plot([str(tmp_path / "v.json")], str(tmp_path / "v.png"), ("objects_medium_large",))
     recipe.plot([str(tmp_path / "d.json")], str(tmp_path / "d.png"), ("single_colour_shape", "background_style"))
     assert (tmp_path / "v.png").stat().st_size > 1000 and (tmp_path / "d.png").stat().st_size > 1000
+
+
+# The shipped SD model's level on a fixed prompt set (evaluation seeds 0..QUALITY_N-1, one- and two-object, the
+# default sampling settings): measured 6/16 single-object, 16/16 colour, 3/16 two-object, 16/32 background style
+# for the v2 model of 2026-12-04 (docs/toyworld.md). The floors sit one prompt under that, so the test fails when
+# a change to the model, the pipeline code or the parser loses more. NOT issue 15's floor (80 / 50 / 90 %),
+# which the model does not reach yet; raise these with every better model.
+QUALITY_N = 16
+QUALITY_FLOOR = {"single_colour_shape": 5 / 16, "single_colour_only": 15 / 16, "two_object_both": 2 / 16,
+                 "background_style": 15 / 32}
+
+
+@pytest.mark.skipif("sd" not in available_toy_models(), reason="models/toy/sd has no weights")
+def test_shipped_sd_model_keeps_its_prompt_adherence():
+    from attnlab.toyworld.evaluate import evaluate
+
+    t0 = time.time()
+    pipe = load_toy_pipeline("sd")
+    res = evaluate(pipe, n=QUALITY_N, batch=2 * QUALITY_N, call_kwargs=toy_call_kwargs("sd"), log=lambda *_: None)
+    got = res["generated"]
+    for key, floor in QUALITY_FLOOR.items():
+        assert got[key] >= floor, f"{key}: {got[key]:.3f} < {floor} on the fixed prompt set"
+    assert res["vae_roundtrip"]["background_style"] >= 0.9 and res["vae_roundtrip"]["single_colour_only"] >= 0.95
+    assert time.time() - t0 < 30
