@@ -25,8 +25,9 @@ import numpy as np
 import torch
 
 from ..processors.alignedgen import AlignedGen
+from ..processors.tracing import compiling
 from ..processors.host_diffusers import Session
-from ..processors.host_diffusers.model_info import family_of
+from ..processors.host_diffusers.model_info import family_of, unwrap
 from ..processors.host_diffusers.session import denoiser_names
 from .wrapper import PipelineWrapper, unet_conditioning
 
@@ -84,7 +85,7 @@ class LockStepReference:
 
     def __init__(self, denoiser, rows: int, noised):
         self.rows, self.noised = rows, noised
-        self.names = list(inspect.signature(denoiser.forward).parameters)
+        self.names = list(inspect.signature(unwrap(denoiser).forward).parameters)
         self.forwards = 0
         self.handle = denoiser.register_forward_pre_hook(self, with_kwargs=True)
 
@@ -104,11 +105,14 @@ class LockStepReference:
         if x.shape[0] % self.rows:
             raise RuntimeError(f"AlignedGen style image: denoiser batch {x.shape[0]} is not a multiple of the "
                                f"{self.rows} rows per chunk")
-        tval = float(t.flatten()[0]) if torch.is_tensor(t) else float(t)
+        if compiling():  # the timestep stays a tensor in a compiled graph (its value changes every step)
+            tval = t.flatten()[0].float() if torch.is_tensor(t) else float(t)
+        else:
+            tval = float(t.flatten()[0]) if torch.is_tensor(t) else float(t)
+            self.forwards += 1
         x = x.clone()
         ref = self.noised(tval, x[0]).to(dtype=x.dtype, device=x.device)
         x[0::self.rows] = ref
-        self.forwards += 1
         if where[0] == "kw":
             kwargs = dict(kwargs)
             kwargs[where[1]] = x
@@ -230,8 +234,11 @@ class AlignedGenPipeline(PipelineWrapper):
             self.last_trajectory = self.invert(z[None], style_prompt, steps, height, width)
         trajectory = self.last_trajectory
 
-        def noised(t: float, like: torch.Tensor) -> torch.Tensor:
+        def noised(t, like: torch.Tensor) -> torch.Tensor:
             if trajectory is not None:
+                if torch.is_tensor(t):
+                    raise RuntimeError("AlignedGen's DDIM-inverted style trajectory is looked up by the timestep's "
+                                       "value, which a compiled graph cannot read; use inversion='none' or run eager")
                 hit = min(trajectory, key=lambda k: abs(k - t))
                 if abs(hit - t) <= 1e-3 * max(1.0, abs(t)):
                     return trajectory[hit][0]
@@ -252,8 +259,14 @@ class AlignedGenPipeline(PipelineWrapper):
             hook.remove()
 
 
-    def _alpha(self, t: float) -> float:
+    def _alpha(self, t):
         ac = self.pipe.scheduler.alphas_cumprod.float()
+        if torch.is_tensor(t):  # torch.compile: the same interpolation in tensor ops
+            ac = ac.to(t.device)
+            lo = t.floor().clamp(0, len(ac) - 1).long()
+            hi = (lo + 1).clamp(max=len(ac) - 1)
+            a_lo, a_hi = ac.index_select(0, lo.reshape(1)).reshape(()), ac.index_select(0, hi.reshape(1)).reshape(())
+            return a_lo + (a_hi - a_lo) * (t - lo)
         lo = int(np.clip(np.floor(t), 0, len(ac) - 1))
         hi = min(lo + 1, len(ac) - 1)
         return float(ac[lo] + (ac[hi] - ac[lo]) * (t - lo))

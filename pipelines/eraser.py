@@ -42,6 +42,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ..processors.call import select
 from ..processors.eraser import REDIRECTED, AttentiveEraser, as_mask_tensor, dilate
 from ..processors.host_diffusers import Session
 from ..processors.host_diffusers.session import denoiser_names
@@ -225,7 +226,12 @@ class AttentiveEraserPipeline(PipelineWrapper):
         start = int(self.options["start_step"])
 
         def scale_at(step, t):  # SARG is perturbation guidance with w = −s
-            return 0.0 if step.executed is not None and step.executed < start else -self.sarg_scale
+            if start == 0:
+                return -self.sarg_scale
+            executed = step.executed
+            return -self.sarg_scale if executed is None else select(executed >= start, -self.sarg_scale, 0.0)
+
+        scale_at.needs_step = start > 0
 
         with guided(pipeline, [AttentiveEraser(obj_mask, **self.options)], scale_at, REDIRECTED,
                     lambda name: (lambda: cfg_scale.get(name)), active=active, **self.session_options) as (session, hooks):

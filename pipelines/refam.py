@@ -225,9 +225,11 @@ class RefAMPipeline(PipelineWrapper):
     def record(self, prep: Prepared, sigmas: Sequence[float]) -> None:
         """One forward per noise level with the recorder installed (all rows are the expression: role cond)."""
         with Session(self.denoiser, [prep.recorder], vae_scale=self.vae_scale) as session, session.roles_for("cond"):
+            session.state.begin_run(prep.z0)
             for sigma in sigmas:
                 prep.recorder.at(float(sigma))
                 self._forward(prep.z0, prep.noise, float(sigma), prep.text)
+            prep.recorder.flush()
 
     def __call__(self, image, expression: str, *, sam=None, resize: bool = False,
                  max_sequence_length: Optional[int] = None, generator: Optional[torch.Generator] = None,

@@ -32,8 +32,9 @@ from typing import Callable, Optional, Sequence
 
 import torch
 
-from .call import FAMILIES, AttentionCall, RopeInfo, Site
+from .call import FAMILIES, AttentionCall, RopeInfo, Site, select
 from .effects import Attend, Effect
+from .tracing import compiling
 
 logger = logging.getLogger("attnlab")
 
@@ -227,7 +228,8 @@ class AlignedGen(Effect):
             return site.kind in DEFAULT_KINDS[site.family]
         return site.layer in self.layers
 
-    def active(self, call: AttentionCall) -> bool:
+    def active(self, call: AttentionCall):
+        """Whether to share at this call: a bool, or a bool tensor when the step is one (torch.compile)."""
         if not self.enabled:
             return False
         if self.steps is None:
@@ -235,19 +237,20 @@ class AlignedGen(Effect):
         i = call.step.index
         if i is None:
             return True  # the host cannot tell the step: share (the default range is all steps)
-        return self.steps[0] <= i < self.steps[1]
+        return (i >= self.steps[0]) & (i < self.steps[1])
 
-    def lam(self, call: AttentionCall) -> float:
+    def lam(self, call: AttentionCall):
+        """λ for the reference keys: a float, or a 0-d tensor from tensor step fields (torch.compile)."""
         if self.schedule == "fix":
             if self.scale is None:
                 return 1.1 if call.site.family == "flux" else 1.0
             return self.scale
         st, fam = call.step, call.site.family
         if fam in FLOW_FAMILIES and st.sigma is not None:
-            s = min(max(float(st.sigma), 0.0), 1.0)
+            s = st.sigma.clamp(0.0, 1.0) if torch.is_tensor(st.sigma) else min(max(float(st.sigma), 0.0), 1.0)
         elif st.timestep is not None:
-            t = float(st.timestep)
-            s = t if (fam in FLOW_FAMILIES and t <= 1.0) else t / 1000.0
+            t = st.timestep if torch.is_tensor(st.timestep) else float(st.timestep)
+            s = select(t <= 1.0, t, t / 1000.0) if fam in FLOW_FAMILIES else t / 1000.0
         elif st.progress is not None:
             s = 1.0 - st.progress
         else:
@@ -283,8 +286,15 @@ class AlignedGen(Effect):
 
     # --- the effect ---------------------------------------------------------------------------------------
     def __call__(self, call: AttentionCall, attend: Attend) -> torch.Tensor:
-        if not self.active(call):
+        on = self.active(call)
+        if on is False:
             return attend(call.q, call.k, call.v)
+        out = self._shared(call, attend)
+        if on is not True:  # a step tensor (torch.compile): outside the step range the call is plain attention
+            out = torch.where(on, out, attend(call.q, call.k, call.v))
+        return out
+
+    def _shared(self, call: AttentionCall, attend: Attend) -> torch.Tensor:
         groups = [g for g in self.groups(call) if g[1]]
         t = call.tokens
         k_img = t.k_image if t.k_image is not None else (slice(0, call.kv_len) if call.site.kind == "self" else None)
@@ -310,7 +320,7 @@ class AlignedGen(Effect):
             k_ref = self._shift(k_ref, rope, k_img, call)
             if keep is not None:
                 k_ref, v_ref = k_ref[:, :, keep], v_ref[:, :, keep]
-            if lam != 1.0:
+            if torch.is_tensor(lam) or lam != 1.0:
                 k_ref = k_ref * lam
             n = len(ts)
             k_ext = torch.cat([k_t, k_ref.expand(n, -1, -1, -1)], dim=2)
@@ -324,7 +334,8 @@ class AlignedGen(Effect):
             out[rows] = out_t.to(out.dtype)
             del out_t
             done.update(ts)
-            self.calls += 1
+            if not compiling():  # a compiled graph would guard on the count and recompile every call
+                self.calls += 1
 
         rest = [r for r in range(call.batch) if r not in done]
         if rest:
@@ -410,7 +421,7 @@ class AlignedGen(Effect):
         return torch.cat([mask, pad], dim=-1)
 
     def _warn(self, key, message: str) -> None:
-        if key not in self._warned:
+        if key not in self._warned and not compiling():  # warned by eager calls; a graph would guard on the set
             self._warned.add(key)
             logger.warning("attnlab AlignedGen: %s", message)
 

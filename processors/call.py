@@ -119,6 +119,10 @@ class StepInfo:
     index/count: position in the scheduler's full schedule (so `progress` is comparable across
     strengths); first: the index of the first step this run executes (img2img/inpaint runs start
     part-way, at index > 0), so `executed` counts the run's own steps from 0.
+
+    Under torch.compile the fields that change every step (index, sigma, timestep) are 0-d tensors, so
+    a compiled graph takes them as inputs instead of recompiling per step; effects that read them use
+    tensor arithmetic (`torch.where`, not `if`) so one code path serves both (see docs/performance.md).
     """
 
     index: Optional[int] = None
@@ -140,6 +144,14 @@ class StepInfo:
         if self.index is None or not self.count:
             return None
         return self.index / self.count
+
+
+def select(cond, a, b):
+    """``a if cond else b`` for a Python bool, or elementwise for a bool tensor (a step-dependent condition
+    under torch.compile, where a Python `if` on it would break the graph)."""
+    if torch.is_tensor(cond):
+        return torch.where(cond, a, b)
+    return a if cond else b
 
 
 class RopeInfo:
@@ -176,24 +188,47 @@ class AttentionCall:
 
     (A slotted class rather than a frozen dataclass: hosts build one per attention call and effects
     derive new ones, so construction and `replace` sit on the hot path.)
+
+    `step` and `roles` may be given as they are or as a source (an object with ``current_step()`` and
+    ``current_roles(batch)``, e.g. the diffusers host's run state), which is asked only when an effect reads
+    them: finding the step costs a device sync in eager mode, and under torch.compile every value read
+    becomes a guard (roles differ between a pipeline's cond and uncond forwards), so calls whose effects
+    never look at them pay nothing and compile once.
     """
 
-    __slots__ = ("q", "k", "v", "site", "tokens", "roles", "step", "mask", "scale", "rope")
+    __slots__ = ("q", "k", "v", "site", "tokens", "_roles", "_step", "mask", "scale", "rope")
 
     def __init__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, site: Site,
                  tokens: Optional[TokenLayout] = None, roles: Optional[tuple[str, ...]] = None,
-                 step: Optional[StepInfo] = None, mask: Optional[torch.Tensor] = None,
+                 step=None, mask: Optional[torch.Tensor] = None,
                  scale: Optional[float] = None, rope: Optional[RopeInfo] = None):
         self.q, self.k, self.v, self.site = q, k, v, site
         self.tokens = _EMPTY_LAYOUT if tokens is None else tokens
-        self.roles = roles
-        self.step = _EMPTY_STEP if step is None else step
+        self._roles = roles
+        self._step = _EMPTY_STEP if step is None else step
         self.mask, self.scale, self.rope = mask, scale, rope
+
+    @property
+    def step(self) -> StepInfo:
+        step = self._step
+        if type(step) is StepInfo or not hasattr(step, "current_step"):
+            return step
+        return step.current_step()
+
+    @property
+    def roles(self) -> Optional[tuple[str, ...]]:
+        roles = self._roles
+        if roles is None or type(roles) is tuple or not hasattr(roles, "current_roles"):
+            return roles
+        return roles.current_roles(self.q.shape[0])
 
     def replace(self, **changes) -> "AttentionCall":
         new = object.__new__(AttentionCall)
-        for name in AttentionCall.__slots__:
-            setattr(new, name, changes.pop(name) if name in changes else getattr(self, name))
+        pop = changes.pop
+        new.q, new.k, new.v = pop("q", self.q), pop("k", self.k), pop("v", self.v)
+        new.site, new.tokens = pop("site", self.site), pop("tokens", self.tokens)
+        new._roles, new._step = pop("roles", self._roles), pop("step", self._step)
+        new.mask, new.scale, new.rope = pop("mask", self.mask), pop("scale", self.scale), pop("rope", self.rope)
         if changes:
             raise TypeError(f"AttentionCall has no field(s) {sorted(changes)}")
         return new

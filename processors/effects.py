@@ -26,6 +26,7 @@ from typing import Callable, Optional, Protocol, Sequence
 import torch
 
 from .call import AttentionCall, Site
+from .tracing import compiling
 
 STAGES = ("observe", "blend", "share", "mask", "scale", "kernel")
 
@@ -66,6 +67,12 @@ class Effect:
         """Raise ValueError if the effect addresses layers or heads the model does not have. `sites` are
         the model's attention sites with their head counts. Called by hosts before anything is patched."""
 
+    def prepare(self, grids: Sequence[tuple[int, int, int]], device) -> None:
+        """Work out, in eager code before a run, what the effect needs per image token grid (`grids`: every
+        grid the coming forwards have, e.g. each UNet level) on `device`. Effects whose per-grid set-up reads
+        tensor values (a mask's token coverage) do it here, so a compiled graph only looks it up; eager calls
+        that find nothing prepared work it out themselves."""
+
 
 class EffectLike(Protocol):
     stage: str
@@ -102,10 +109,14 @@ def check_effects(effects: Sequence[EffectLike], family: str, token_scale,
 class EffectStack:
     """The effects that apply at one site, in composition order, over a host kernel."""
 
-    __slots__ = ("effects",)
+    __slots__ = ("effects", "_run")
 
     def __init__(self, effects: Sequence[EffectLike]):
         self.effects = tuple(ordered(effects))
+        run = _kernel_layer
+        for effect in reversed(self.effects):  # the layers are built once per site, not per call
+            run = _effect_layer(effect, run)
+        self._run = run
 
     @classmethod
     def for_site(cls, effects: Sequence[EffectLike], site: Site) -> "EffectStack":
@@ -119,25 +130,25 @@ class EffectStack:
 
     def run(self, call: AttentionCall, kernel: Kernel) -> torch.Tensor:
         """Run the stack on `call`; `kernel(q, k, v, mask, scale)` is the host's attention."""
-        return _layer(self.effects, 0, kernel)(call)
+        return self._run(call, kernel)
 
 
-def _layer(effects, i: int, kernel: Kernel):
-    """Build the function that runs effects[i:] on a call."""
-    if i == len(effects):
-        return lambda call: kernel(call.q, call.k, call.v, call.mask, call.scale)
-    effect = effects[i]
-    inner = _layer(effects, i + 1, kernel)
+def _kernel_layer(call: AttentionCall, kernel: Kernel) -> torch.Tensor:
+    return kernel(call.q, call.k, call.v, call.mask, call.scale)
 
-    def run(call: AttentionCall) -> torch.Tensor:
+
+def _effect_layer(effect, inner):
+    """The function that runs `effect` on a call, with `inner` (the layers below) behind its `attend`."""
+
+    def run(call: AttentionCall, kernel: Kernel) -> torch.Tensor:
         def attend(q, k, v, mask=KEEP, scale=KEEP, **changes):
             if mask is not KEEP:
                 changes["mask"] = mask
             if scale is not KEEP:
                 changes["scale"] = scale
             if changes or q is not call.q or k is not call.k or v is not call.v:
-                return inner(call.replace(q=q, k=k, v=v, **changes))
-            return inner(call)
+                return inner(call.replace(q=q, k=k, v=v, **changes), kernel)
+            return inner(call, kernel)
 
         return effect(call, attend)
 
@@ -150,6 +161,8 @@ class Recorder(Effect):
     Handy to find out which attention sites a pipeline or workflow hits, with which token layout,
     roles and step; also the no-op effect the tests and benchmarks use. Keeps references to the calls'
     tensors unless `summary` is given (e.g. ``summary=lambda c: (c.site, c.step.index)``).
+    Records eager calls only: inside a torch.compile graph the Python of an effect runs once, at trace
+    time, and appending to a list there would recompile every call, so a compiled call passes through.
     """
 
     stage = "observe"
@@ -160,7 +173,8 @@ class Recorder(Effect):
         self.calls: list = []
 
     def __call__(self, call: AttentionCall, attend: Attend) -> torch.Tensor:
-        self.calls.append(call if self.summary is None else self.summary(call))
+        if not compiling():  # a kept call gets its step now: it is found lazily, from the forward's state
+            self.calls.append(call.replace(step=call.step) if self.summary is None else self.summary(call))
         return attend(call.q, call.k, call.v)
 
     def __deepcopy__(self, memo):  # ComfyUI deep-copies model_options on clone: keep one log

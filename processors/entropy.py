@@ -14,6 +14,7 @@ from typing import Optional, Sequence
 
 from .call import AttentionCall, Site
 from .effects import Attend, Effect
+from .tracing import compiling
 
 TOKEN_COUNTS = ("joint", "image")
 
@@ -98,6 +99,8 @@ class EntropyScaling(Effect):
         return n, n - tokens.image_tokens + t_image
 
     def lam(self, call: AttentionCall) -> float:
+        if compiling():  # plain Python on the call's static shapes: traced once, nothing left at runtime
+            return entropy_lambda(*self.counts(call), self.strength)
         key = (call.kv_len, id(call.tokens))
         hit = self._cache.get(key)
         if hit is not None and hit[0] is call.tokens:
@@ -111,7 +114,8 @@ class EntropyScaling(Effect):
 
     def __call__(self, call: AttentionCall, attend: Attend):
         lam = self.lam(call)
-        self.last_lambda[call.site.name] = lam
+        if not compiling():  # a report for eager runs; a compiled graph would replay the store every call
+            self.last_lambda[call.site.name] = lam
         if lam == 1.0:
             return attend(call.q, call.k, call.v)
         # softmax(λ·qkᵀ·s) == softmax(qkᵀ·(λ·s)): a scale costs no extra pass over q where the kernel takes one

@@ -24,9 +24,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .call import AttentionCall, Site, TokenLayout
+from .call import AttentionCall, Site, TokenLayout, select
 from .effects import Attend, Effect
 from .headsets import HeadSet
+from .tracing import compiling
 
 REDIRECTED = "redirected"
 KERNELS = ("gather", "bias")
@@ -121,7 +122,7 @@ class AttentiveEraser(Effect):
         self.mask_text_queries = bool(mask_text_queries)
         self.kernel = kernel
         self._layers: Optional[frozenset] = None
-        self._tokens: dict = {}
+        self._plans: dict = {}  # (grid, device) -> _Plan
 
     def __repr__(self) -> str:
         return (f"AttentiveEraser(mask={tuple(self.mask.shape)}, ss_scale={self.ss_scale}, ss_steps={self.ss_steps}, "
@@ -171,53 +172,77 @@ class AttentiveEraser(Effect):
         return site.layer in self._layers
 
     # --- the effect ---------------------------------------------------------------------------------
-    def _object_tokens(self, grid, device) -> torch.Tensor:
-        key = (grid, device)
-        found = self._tokens.get(key)
-        if found is None:
-            if len(self._tokens) > 64:
-                self._tokens.clear()
-            found = self._tokens[key] = token_mask(self.mask, grid).to(device)
-        return found
+    def prepare(self, grids, device) -> None:
+        for grid in grids:
+            self._plan(grid, device)
 
-    def ss_active(self, step) -> bool:
-        """Similarity suppression while the run's executed-step count is ≤ ss_steps."""
-        return self.ss_scale != 1.0 and step.executed is not None and step.executed <= self.ss_steps
+    def _plan(self, grid, device) -> "_Plan":
+        """What the mask means at this token grid; worked out in eager code (it reads the mask's values), so a
+        compiled graph only looks it up (`prepare` runs before compiled forwards)."""
+        plan = self._plans.get((grid, device))
+        if plan is None:
+            if compiling():
+                raise RuntimeError(f"Attentive Eraser has no plan for the token grid {grid} on {device} inside a "
+                                   "compiled graph; run it through AttentiveEraserPipeline / attnlab.apply on a "
+                                   "pipeline (which prepares every grid before the run), or call prepare()")
+            if len(self._plans) > 64:
+                self._plans.clear()
+            plan = self._plans[(grid, device)] = _Plan(token_mask(self.mask, grid).to(device))
+        return plan
+
+    def ss_active(self, step):
+        """Similarity suppression while the run's executed-step count is ≤ ss_steps (a bool tensor when the
+        step is one, under torch.compile)."""
+        if self.ss_scale == 1.0:
+            return False
+        executed = step.executed
+        return executed is not None and executed <= self.ss_steps
 
     def __call__(self, call: AttentionCall, attend: Attend) -> torch.Tensor:
         rows = call.rows_with(REDIRECTED)
         t = call.tokens
-        if (not rows or call.q_len != call.kv_len or t.grid is None or t.k_image is None
-                or (call.step.executed is not None and call.step.executed < self.start_step)):
+        if not rows or call.q_len != call.kv_len or t.grid is None or t.k_image is None:
             return attend(call.q, call.k, call.v)
-        obj = self._object_tokens(t.grid, call.q.device)
+        started = True
+        if self.start_step > 0:
+            executed = call.step.executed
+            started = executed is None or executed >= self.start_step
+            if started is False:
+                return attend(call.q, call.k, call.v)
+        plan = self._plan(t.grid, call.q.device)
+        obj = plan.obj
         if obj.shape[1] != t.k_image.stop - t.k_image.start:
             return attend(call.q, call.k, call.v)
         if obj.shape[0] not in (1, len(rows)):
             raise ValueError(f"Attentive Eraser has {obj.shape[0]} masks but the call has {len(rows)} redirected rows; "
                              "give one mask, or one per redirected row")
-        per_row = obj if obj.shape[0] == len(rows) else obj[:1].expand(len(rows), -1)
-        if not per_row.any() or per_row.all(dim=1).any():
+        if plan.skip:
             return attend(call.q, call.k, call.v)  # nothing to remove, or a level fully covered: skip the layer
+        per_row = obj if obj.shape[0] == len(rows) else obj[:1].expand(len(rows), -1)
         if len(rows) == call.batch:
-            return self._redirect(call, attend, rows, per_row)
-        plain = [i for i in range(call.batch) if i not in set(rows)]
-        out = torch.empty_like(call.v)
-        out[plain] = _attend_rows(call, attend, plain)
-        out[rows] = self._redirect(call, attend, rows, per_row)
+            out = self._redirect(call, attend, rows, per_row, plan)
+        else:
+            plain = [i for i in range(call.batch) if i not in set(rows)]
+            out = torch.empty_like(call.v)
+            out[plain] = _attend_rows(call, attend, plain)
+            out[rows] = self._redirect(call, attend, rows, per_row, plan)
+        if started is not True:  # a step tensor (torch.compile): before start_step the call is plain attention
+            out = torch.where(started, out, attend(call.q, call.k, call.v))
         return out
 
-    def _redirect(self, call: AttentionCall, attend: Attend, rows: list[int], obj: torch.Tensor) -> torch.Tensor:
+    def _redirect(self, call: AttentionCall, attend: Attend, rows: list[int], obj: torch.Tensor,
+                  plan: "_Plan") -> torch.Tensor:
         """AAS for `rows` (obj: bool [len(rows), N_image], at least one background token in each row)."""
         t = call.tokens
         q, k, v = call.q[rows], call.k[rows], call.v[rows]
         keep = torch.ones(len(rows), call.kv_len, dtype=torch.bool, device=q.device)
         keep[:, t.k_image] = ~obj
-        if self.ss_active(call.step):
+        active = self.ss_active(call.step)
+        if active is not False:
             row_scale = torch.ones(len(rows), call.q_len, dtype=q.dtype, device=q.device)
             row_scale[:, t.q_image] = torch.where(obj, torch.tensor(self.ss_scale, dtype=q.dtype, device=q.device),
                                                   torch.ones((), dtype=q.dtype, device=q.device))
-            q = q * row_scale[:, None, :, None]
+            q = q * select(active, row_scale, torch.ones_like(row_scale))[:, None, :, None]
         roles = (REDIRECTED,) * len(rows)
         mask = _rows_of(call.mask, rows, call.batch)
         text_open = not self.mask_text_queries and t.q_text is not None
@@ -230,18 +255,35 @@ class AttentiveEraser(Effect):
             n = t.q_image.stop - t.q_image.start
             layout = TokenLayout(slice(0, n), None, t.k_image, t.k_text, t.grid, t.scale, t.native_grid, t.text_first,
                                  t.text_segments)
-        if self.kernel == "bias" or (keep != keep[:1]).any():
+        if self.kernel == "bias" or not plan.same_rows:
             bias = torch.zeros(keep.shape, dtype=q.dtype, device=q.device).masked_fill(~keep, float("-inf"))[:, None, None, :]
             bias = bias if mask is None else _add_mask(mask, bias)
             res = attend(q, k, v, mask=bias, roles=roles, tokens=layout)
         else:
-            idx = keep[0].nonzero().squeeze(1)
+            ki = t.k_image
+            idx = torch.cat([torch.arange(ki.start, device=q.device), plan.kept + ki.start,
+                             torch.arange(ki.stop, call.kv_len, device=q.device)])
             res = attend(q, k[..., idx, :], v[..., idx, :], mask=None if mask is None else mask[..., idx],
-                         roles=roles, tokens=_gathered_layout(layout, int(obj[0].sum())))
+                         roles=roles, tokens=_gathered_layout(layout, plan.removed))
         if text_open:
             out[..., t.q_image, :] = res
             return out
         return res
+
+
+class _Plan:
+    """The mask at one token grid: object tokens `obj` (bool [masks, N_image]), whether the layer is skipped
+    (no object token, or some mask covers the whole level), whether all masks agree (`same_rows`), and the
+    first mask's kept image positions and removed count (for the gather kernel)."""
+
+    __slots__ = ("obj", "skip", "same_rows", "kept", "removed")
+
+    def __init__(self, obj: torch.Tensor):
+        self.obj = obj
+        self.skip = bool(not obj.any() or obj.all(dim=1).any())
+        self.same_rows = bool((obj == obj[:1]).all())
+        self.kept = (~obj[0]).nonzero().squeeze(1)
+        self.removed = int(obj[0].sum())
 
 
 def default_layers(sites: Sequence[Site]) -> list[int]:

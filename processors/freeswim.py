@@ -34,6 +34,7 @@ import torch
 from .call import AttentionCall, Site, StepInfo, TokenLayout
 from .effects import Attend, Effect
 from .entropy import EntropyScaling, _size3
+from .tracing import compiling
 from .freeswim_window import (BACKENDS, FlexWindow, WindowSpec, chunked_window_attention, dense_window_attention,
                               half_widths)
 
@@ -113,6 +114,7 @@ class FreeSwim(Effect):
         self.skipped: set = set()  # site names passed through (no usable grid)
         self.stats = {"window_calls": 0, "full_calls": 0, "cross_evaluated_rows": 0, "cache_hits": 0}
         self._plan = threading.local()
+        self._traced_plan: Optional[BranchPlan] = None
 
     def __repr__(self) -> str:
         return (f"FreeSwim(window_scale={self.window_scale}, base_size={self.base_size}, cache_steps={self.cache_steps}, "
@@ -157,23 +159,31 @@ class FreeSwim(Effect):
     # --- plan ------------------------------------------------------------------------------------------
     @contextlib.contextmanager
     def active(self, plan: Optional[BranchPlan]):
-        """The plan of the forward run inside this block (set by a dual-pass hook)."""
-        previous = getattr(self._plan, "value", None)
-        self._plan.value = plan
+        """The plan of the forward run inside this block (set by a dual-pass hook). Kept per thread, and in a
+        plain attribute that compiled code reads (torch.compile cannot trace thread-local storage)."""
+        previous = self._traced_plan if compiling() else getattr(self._plan, "value", None)
+        self._set_plan(plan)
         try:
             yield
         finally:
-            self._plan.value = previous
+            self._set_plan(previous)
+
+    def _set_plan(self, plan: Optional[BranchPlan]) -> None:
+        self._traced_plan = plan
+        if not compiling():
+            self._plan.value = plan
 
     @property
     def plan(self) -> Optional[BranchPlan]:
-        return getattr(self._plan, "value", None)
+        return self._traced_plan if compiling() else getattr(self._plan, "value", None)
 
     def overrides(self, role: str) -> bool:
         return role != "uncond" or self.override_uncond
 
     def overrides_at(self, step: StepInfo) -> bool:
         """Whether `step` lies in `override_steps` (unknown steps count as inside)."""
+        if tuple(self.override_steps) == (0.0, 1.0):
+            return True
         p = step.progress
         return p is None or self.override_steps[0] <= p <= self.override_steps[1]
 
@@ -185,11 +195,13 @@ class FreeSwim(Effect):
         Rows of the same role are told apart by their ordinal; the cache is (re)filled on guide steps
         (executed ≡ 0 mod k, unknown steps, a new shape or a cache from another run). A step before the
         previous plan's starts a new sampling run: the cache is dropped first."""
-        executed = step.executed
+        k = self.cache_steps
+        # with k = 1 nothing is cached and the plan is the same every step: the step is not read at all (so a
+        # compiled graph does not depend on it); caching (k > 1) decides per step in Python (eager only)
+        executed = step.executed if k > 1 else None
         if executed is not None and self._last_executed is not None and executed < self._last_executed:
             self.reset()
         self._last_executed = executed
-        k = self.cache_steps
         modes, partner, keys, dup = [], {}, {}, []
         seen: dict = {}
         store = k > 1
@@ -221,6 +233,15 @@ class FreeSwim(Effect):
         self.cache.clear()
         self.cache_meta.clear()
         self._last_executed = None
+
+    def _count(self, stat: str, n: int = 1) -> None:
+        """`stats` (and `skipped`, for a site name) count eager calls: a compiled graph would guard on them."""
+        if compiling():
+            return
+        if stat in self.stats:
+            self.stats[stat] += n
+        else:
+            self.skipped.add(stat)
 
     # --- geometry ----------------------------------------------------------------------------------------
     def spec(self, call: AttentionCall) -> Optional[WindowSpec]:
@@ -256,7 +277,7 @@ class FreeSwim(Effect):
 
     def _window(self, q, k, v, spec: WindowSpec, call: AttentionCall, attend: Attend, image_only: bool = False):
         """Window attention of rows (q, k, v) through the chosen backend (image-query rows only if asked)."""
-        self.stats["window_calls"] += 1
+        self._count("window_calls")
         backend = self.backend
         if backend == "auto":
             backend = "flex" if q.is_cuda and self.flex.available() else "chunked"
@@ -279,7 +300,7 @@ class FreeSwim(Effect):
             raise ValueError(f"FreeSwim cannot window a masked attention call ({call.site.name})")
         spec = self.spec(call)
         if spec is None:
-            self.skipped.add(call.site.name)
+            self._count(call.site.name)
             return attend(call.q, call.k, call.v)
         if spec.covers_grid and (call.site.kind != "joint" or self.plan is None):
             return attend(call.q, call.k, call.v)  # the window is the grid: plain attention, bit-exact
@@ -290,7 +311,7 @@ class FreeSwim(Effect):
             plan = None
         pieces: dict[int, torch.Tensor] = {}
         if full:
-            self.stats["full_calls"] += 1
+            self._count("full_calls")
             fi = torch.as_tensor(full, device=call.q.device)
             out_f = attend(call.q[fi], call.k[fi], call.v[fi])
             for i, r in enumerate(full):
@@ -322,7 +343,7 @@ class FreeSwim(Effect):
         if own:
             oi = torch.as_tensor(own, device=q.device)
             own_text = attend(q[oi][:, :, txt], k[oi], v[oi], mask=None)
-            self.stats["cross_evaluated_rows"] += len(own)
+            self._count("cross_evaluated_rows", len(own))
         for i, r in enumerate(win):
             mode = plan.modes[r]
             if mode == "own":
@@ -375,7 +396,7 @@ class FreeSwim(Effect):
         except KeyError:
             raise RuntimeError(f"FreeSwim: no cached override for {call.site.name} rows {plan.keys[r]}; the cache "
                                "was reset mid-run") from None
-        self.stats["cache_hits"] += 1
+        self._count("cache_hits")
         return _to(value, call.q.device)
 
     def _cross(self, call: AttentionCall, attend: Attend) -> torch.Tensor:
@@ -393,7 +414,7 @@ class FreeSwim(Effect):
             if mask is not None and mask.ndim == 4 and mask.shape[0] == call.batch:
                 mask = mask[ei]
             out = attend(call.q[ei], call.k[ei], call.v[ei], mask=mask)
-            self.stats["cross_evaluated_rows"] += sum(1 for r in evaluate if r in win)
+            self._count("cross_evaluated_rows", sum(1 for r in evaluate if r in win))
             for i, r in enumerate(evaluate):
                 pieces[r] = out[i]
         for r in win:

@@ -166,23 +166,41 @@ def default_tile(spec: WindowSpec) -> tuple[int, int]:
     return (max(8, -(-kh // 2)), max(8, -(-kw // 2)))
 
 
+def _bounds(size: int, half: int, inward: bool) -> tuple[list[int], list[int]]:
+    """`axis_bounds` as Python ints: the tiling below is plain Python on the grid, so a compiled graph has
+    no tensor value to read (it would be a graph break) and keeps only the masks, as constants."""
+    if inward:
+        k = min(2 * half + 1, size)
+        lo = [min(max(q - half, 0), size - k) for q in range(size)]
+        return lo, [s + k for s in lo]
+    return [max(q - half, 0) for q in range(size)], [min(q + half + 1, size) for q in range(size)]
+
+
 def window_tiles(spec: WindowSpec, th: int, tw: int):
     """Query tiles of the grid and the key rectangle their windows cover: yields (y0, y1, x0, x1, r0, r1, c0, c1,
-    mask) with `mask` [(y1−y0)·(x1−x0), (r1−r0)·(c1−c0)] bool (query position may see key position), one frame."""
+    mask) with `mask` [(y1−y0)·(x1−x0), (r1−r0)·(c1−c0)] bool (query position may see key position), one frame;
+    `mask` is None where every query of the tile sees the whole rectangle."""
     _, h, w = spec.grid
-    ly, hy = axis_bounds(h, spec.half[0], spec.inward)
-    lx, hx = axis_bounds(w, spec.half[1], spec.inward)
+    ly, hy = _bounds(h, spec.half[0], spec.inward)
+    lx, hx = _bounds(w, spec.half[1], spec.inward)
+
+    def axis_mask(lo, hi, a0, a1, b0, b1):
+        keys = torch.arange(b0, b1)
+        return ((keys[None, :] >= torch.tensor(lo[a0:a1])[:, None]) & (keys[None, :] < torch.tensor(hi[a0:a1])[:, None]),
+                all(lo[a] == b0 and hi[a] == b1 for a in range(a0, a1)))
+
     for y0 in range(0, h, th):
         y1 = min(y0 + th, h)
-        r0, r1 = int(ly[y0]), int(hy[y1 - 1])
-        rows = torch.arange(r0, r1)
-        mh = (rows[None, :] >= ly[y0:y1, None]) & (rows[None, :] < hy[y0:y1, None])
+        r0, r1 = ly[y0], hy[y1 - 1]
+        mh, full_h = axis_mask(ly, hy, y0, y1, r0, r1)
         for x0 in range(0, w, tw):
             x1 = min(x0 + tw, w)
-            c0, c1 = int(lx[x0]), int(hx[x1 - 1])
-            cols = torch.arange(c0, c1)
-            mw = (cols[None, :] >= lx[x0:x1, None]) & (cols[None, :] < hx[x0:x1, None])
-            mask = (mh[:, None, :, None] & mw[None, :, None, :]).reshape((y1 - y0) * (x1 - x0), (r1 - r0) * (c1 - c0))
+            c0, c1 = lx[x0], hx[x1 - 1]
+            mw, full_w = axis_mask(lx, hx, x0, x1, c0, c1)
+            mask = None
+            if not (full_h and full_w):
+                mask = (mh[:, None, :, None] & mw[None, :, None, :]).reshape((y1 - y0) * (x1 - x0),
+                                                                             (r1 - r0) * (c1 - c0))
             yield y0, y1, x0, x1, r0, r1, c0, c1, mask
 
 
@@ -211,7 +229,7 @@ def chunked_window_attention(q, k, v, spec: WindowSpec, scale: Optional[float] =
         qt = qg[:, :, :, y0:y1, x0:x1].reshape(b, nh, -1, dim)
         kr = kg[:, :, :, r0:r1, c0:c1].reshape(b, nh, -1, dim)
         vr = vg[:, :, :, r0:r1, c0:c1].reshape(b, nh, -1, dim)
-        mask = None if bool(m2.all()) else m2.repeat(t, t).to(q.device)
+        mask = None if m2 is None else m2.repeat(t, t).to(q.device)
         if kt is not None:
             kr, vr = torch.cat([kt, kr], dim=2), torch.cat([vt, vr], dim=2)
             if mask is not None:
@@ -243,11 +261,13 @@ def lse_window_partials(q, k, v, spec: WindowSpec, scale: float, tile: Optional[
     out = torch.empty(b, nh, t, h, w, vg.shape[-1], device=q.device)
     lse = torch.empty(b, nh, t, h, w, device=q.device)
     for y0, y1, x0, x1, r0, r1, c0, c1, m2 in window_tiles(spec, th, tw):
-        mask = m2.repeat(t, t).to(q.device)
+        mask = None if m2 is None else m2.repeat(t, t).to(q.device)
         qt = qg[:, :, :, y0:y1, x0:x1].reshape(b, nh, -1, dim)
         kr = kg[:, :, :, r0:r1, c0:c1].reshape(b, nh, -1, dim)
         vr = vg[:, :, :, r0:r1, c0:c1].reshape(b, nh, -1, vg.shape[-1])
-        logits = (qt @ kr.transpose(-1, -2) * scale).masked_fill(~mask, float("-inf"))
+        logits = qt @ kr.transpose(-1, -2) * scale
+        if mask is not None:
+            logits = logits.masked_fill(~mask, float("-inf"))
         l = torch.logsumexp(logits, dim=-1)
         o = torch.exp(logits - l[..., None]) @ vr
         out[:, :, :, y0:y1, x0:x1] = o.reshape(b, nh, t, y1 - y0, x1 - x0, -1)

@@ -22,6 +22,7 @@ import torch
 
 from .call import AttentionCall, Site
 from .effects import Attend, Effect
+from .tracing import cached, compiling
 
 MAP_MODES = ("img2txt_textsoftmax", "img2txt_joint", "txt2img_joint")
 GAS_MODES = ("drop", "suppress", "redirect")
@@ -121,6 +122,7 @@ class TextMaps(Effect):
         self.device = device
         self.key = None
         self.maps: dict = {}
+        self._pending: dict = {}  # layer -> maps recorded by a compiled forward, filed under `key` by `flush`
         self.sinks: dict = {}  # (key, layer) -> sorted text positions suppressed there
         self._col_index: dict = {}
 
@@ -154,23 +156,33 @@ class TextMaps(Effect):
     # --- recording -------------------------------------------------------------------------------
     def at(self, key) -> "TextMaps":
         """Label the maps recorded from now on (e.g. with the noise level of the next forward)."""
+        self.flush()
         self.key = key
         return self
+
+    def flush(self) -> None:
+        """File the maps of compiled forwards under the key they ran with. A compiled graph stores them per
+        layer only: a key that changes every forward would be a guard that recompiles every forward."""
+        for layer, maps in self._pending.items():
+            self.maps[(self.key, layer)] = maps
+        self._pending.clear()
 
     def clear(self) -> None:
         self.maps.clear()
         self.sinks.clear()
+        self._pending.clear()
 
     def _columns(self, n_text: int, device) -> Optional[torch.Tensor]:
         if self.columns is None:
             return None
-        idx = self._col_index.get((n_text, device))
-        if idx is None:
+
+        def build():
             bad = [c for c in self.columns if not 0 <= c < n_text]
             if bad:
                 raise ValueError(f"RefAM columns {bad[:5]} are outside this model's {n_text} text tokens")
-            idx = self._col_index[(n_text, device)] = torch.tensor(self.columns, device=device)
-        return idx
+            return torch.tensor(self.columns, device=device)
+
+        return cached(self._col_index, (n_text, device), build)
 
     def __call__(self, call: AttentionCall, attend: Attend) -> torch.Tensor:
         t = call.tokens
@@ -255,7 +267,10 @@ class TextMaps(Effect):
         maps = maps.reshape(maps.shape[0], f, h, w, maps.shape[-1]).permute(0, 4, 1, 2, 3).contiguous()
         if self.device is not None:
             maps = maps.to(self.device)
-        self.maps[(self.key, call.site.layer)] = maps
+        if compiling():
+            self._pending[call.site.layer] = maps
+        else:
+            self.maps[(self.key, call.site.layer)] = maps
 
 
 def _ranges(values: Sequence[int]) -> str:

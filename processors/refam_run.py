@@ -150,6 +150,7 @@ def finish(recorder: TextMaps, words: Words, options: RefAMOptions, images: np.n
     """Recorded maps → heatmap at image size → mask → overlay. `images`: [F, H, W, 3] uint8 (F = 1 for an
     image; for videos one image per latent frame). `grid_hw`: the token grid, to express the blur in pixels."""
     n_frames, H, W = images.shape[:3]
+    recorder.flush()
     recorded = {key: maps[row] for key, maps in recorder.maps.items()}
     blur_px = 0.0
     if options.blur > 0:

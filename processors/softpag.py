@@ -33,7 +33,7 @@ from typing import Optional, Sequence
 import torch
 import torch.nn.functional as F
 
-from .call import AttentionCall, Site, StepInfo
+from .call import AttentionCall, Site, StepInfo, select
 from .effects import Attend, Effect
 from .headsets import HeadSet, unet_groups
 
@@ -299,7 +299,7 @@ def cond_correction(cond: torch.Tensor, perturbed: torch.Tensor, scale: float,
     """The conditional prediction to hand back to a pipeline that applies CFG itself afterwards:
     ε_c' = ε_c + (w/s)(ε_c − ε_ptb), so that ε_u + s(ε_c' − ε_u) = ε_u + s(ε_c − ε_u) + w(ε_c − ε_ptb).
     Without CFG (cfg_scale None) ε_c' = ε_c + w(ε_c − ε_ptb)."""
-    if scale == 0.0:
+    if not torch.is_tensor(scale) and scale == 0.0:
         return cond
     k = scale if cfg_scale is None else scale / cfg_scale
     return cond + k * (cond - perturbed)
@@ -333,19 +333,30 @@ class GuidanceSchedule:
         if self.adaptive < 0:
             raise ValueError(f"adaptive scale must be >= 0, got {self.adaptive}")
 
+    @property
+    def needs_step(self) -> bool:
+        """Whether w depends on the step (a window or the adaptive schedule); hosts skip finding the step
+        otherwise (under torch.compile it would add graph inputs and guards for nothing)."""
+        return (self.start > 0.0 or self.end < 1.0 or self.sigma_min is not None or self.sigma_max is not None
+                or self.adaptive > 0.0)
+
     def scale_at(self, step: StepInfo, timestep_1000: Optional[float] = None) -> float:
-        """w for this step (0.0 outside the window)."""
+        """w for this step (0.0 outside the window). Reads only the step fields its window uses; with
+        tensor step fields (under torch.compile) w is a 0-d tensor."""
         if self.scale == 0.0:
             return 0.0
-        p = step.progress
-        if p is not None and not (self.start <= p <= self.end):
-            return 0.0
-        s = step.sigma
+        on = True
+        p = step.progress if (self.start > 0.0 or self.end < 1.0) else None
+        if p is not None:
+            on = (p >= self.start) & (p <= self.end)
+        s = step.sigma if (self.sigma_min is not None or self.sigma_max is not None) else None
         if s is not None:
-            if self.sigma_min is not None and s < self.sigma_min:
-                return 0.0
-            if self.sigma_max is not None and s > self.sigma_max:
-                return 0.0
+            if self.sigma_min is not None:
+                on = on & (s >= self.sigma_min)
+            if self.sigma_max is not None:
+                on = on & (s <= self.sigma_max)
+        w = self.scale
         if self.adaptive > 0.0 and timestep_1000 is not None:
-            return max(0.0, self.scale - self.adaptive * (1000.0 - timestep_1000))
-        return self.scale
+            w = w - self.adaptive * (1000.0 - timestep_1000)
+            w = w.clamp_min(0.0) if torch.is_tensor(w) else max(0.0, w)
+        return select(on, w, 0.0) if torch.is_tensor(on) or torch.is_tensor(w) else (w if on else 0.0)

@@ -14,6 +14,7 @@ import torch
 
 from ..call import Site, StepInfo, TokenLayout, unet_level
 from ..effects import EffectStack
+from ..tracing import cached, compiling
 from .model_plan import ModelPlan, site_name
 
 logger = logging.getLogger("attnlab")
@@ -62,6 +63,19 @@ def step_info(sigma, schedule, timestep: Optional[float] = None) -> StepInfo:
     return StepInfo(index if float(diffs[index]) <= tol else None, max(len(sched) - 1, 1), s, timestep, 0)
 
 
+def traced_step_info(sigma, schedule) -> StepInfo:
+    """`step_info` in tensor ops, for a compiled graph: index (the nearest schedule entry) and sigma are 0-d
+    tensors, so the graph takes them as inputs instead of recompiling every step."""
+    if not torch.is_tensor(sigma):
+        return step_info(sigma, schedule)
+    s = sigma.flatten()[0].float()
+    if schedule is None or not torch.is_tensor(schedule):
+        return StepInfo(sigma=s)
+    sched = schedule.flatten().float().to(s.device)
+    diffs = ((sched[:-1] if len(sched) > 1 else sched) - s).abs()
+    return StepInfo(diffs.argmin(), max(len(sched) - 1, 1), s, None, 0)
+
+
 def _ceil_div(a: int, b: int) -> int:
     return -(-a // b)
 
@@ -83,7 +97,8 @@ class CallContext:
         else:
             self.roles = tuple(forced if forced else ("uncond" if c == 1 else "cond") for c in cond_or_uncond
                                for _ in range(chunk))
-        self.step = step_info(sigma, transformer_options.get("sample_sigmas"))
+        self._sigma, self._schedule = sigma, transformer_options.get("sample_sigmas")
+        self._step: Optional[StepInfo] = None
         self.text_len = 0 if c_crossattn is None else int(c_crossattn.shape[1]) + plan.register_length
         self.latent = tuple(int(s) for s in x.shape[2:])
         self.grid = self._grid()
@@ -94,6 +109,19 @@ class CallContext:
         self.broken: Optional[str] = None
 
     # --- step and geometry ----------------------------------------------------------------------
+    @property
+    def step(self) -> StepInfo:
+        return self.current_step()
+
+    def current_step(self) -> StepInfo:
+        """The sampler step, found when an effect first asks (reading sigma's value is a device sync); in a
+        compiled graph as tensors (`traced_step_info`)."""
+        if compiling():
+            return traced_step_info(self._sigma, self._schedule)
+        if self._step is None:
+            self._step = step_info(self._sigma, self._schedule)
+        return self._step
+
     def _grid(self):
         if self.plan.family == "unet":
             return None  # per level: from the latent size and the call's token count
@@ -106,18 +134,12 @@ class CallContext:
 
     def _cached(self, key, build) -> TokenLayout:
         """Layouts are reused across calls and steps (effects key their caches on them)."""
-        layout = self._cache.layouts.get(key)
-        if layout is None:
-            layout = self._cache.layouts[key] = build()
-        return layout
+        return cached(self._cache.layouts, key, build, HostCache.LIMIT)
 
     # --- sites ----------------------------------------------------------------------------------
     def stack_for(self, site: Site) -> EffectStack:
         key = (tuple(id(e) for e in self.effects), site)  # the cached stack keeps the effects (and ids) alive
-        stack = self._cache.stacks.get(key)
-        if stack is None:
-            stack = self._cache.stacks[key] = EffectStack.for_site(self.effects, site)
-        return stack
+        return cached(self._cache.stacks, key, lambda: EffectStack.for_site(self.effects, site), HostCache.LIMIT)
 
     def resolve(self, n_q: int, n_k: int, options: dict):
         """(site, token layout) of the attention call about to run, or (None, None) to pass it through."""

@@ -100,7 +100,7 @@ class Dispatcher:
             return nxt(*args, **kwargs)
         adapter = AttentionAdapter(nxt, args, kwargs, call)
         roles = ctx.roles if len(ctx.roles) == adapter.q.shape[0] else None
-        attention = AttentionCall(adapter.q, adapter.k, adapter.v, site, layout(), roles, ctx.step, adapter.mask)
+        attention = AttentionCall(adapter.q, adapter.k, adapter.v, site, layout(), roles, ctx, adapter.mask)
         return adapter.finish(stack.run(attention, adapter.kernel))
 
 
@@ -145,5 +145,5 @@ class ChainedReplace:
             return _to_canonical(self._base(*src, extra_options), heads, False)
 
         roles = ctx.roles if len(ctx.roles) == q.shape[0] else None
-        out = stack.run(AttentionCall(qc, kc, vc, site, layout(), roles, ctx.step), kernel)
+        out = stack.run(AttentionCall(qc, kc, vc, site, layout(), roles, ctx), kernel)
         return _flat(out)

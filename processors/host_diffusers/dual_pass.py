@@ -18,6 +18,7 @@ from diffusers.hooks.hooks import ModelHook
 
 from ..rows import take_rows
 from .guidance import _sample_of, _with_sample
+from ..tracing import compiling
 from .run_state import attach_hook, detach_hook, forward_arg, watch_encode_prompt
 
 HOOK_NAME = "attnlab_freeswim_dual_pass"
@@ -47,10 +48,12 @@ class DualPassHook(ModelHook):
         x = self._arg(args, kwargs, "sample" if "sample" in self._names else "hidden_states")
         batch = int(x.shape[0])
         roles = self._uncond_by_text(self.state.resolve_roles(batch), self._arg(args, kwargs, "encoder_hidden_states"))
-        step = self.state.resolve_step(self._arg(args, kwargs, "timestep"))
+        t = self._arg(args, kwargs, "timestep")
+        step = self.state.traced_step(t) if compiling() else self.state.resolve_step(t)
         dup, plan = self.swim.plan_rows(roles, step, tuple(x.shape[1:]))
-        self.forwards += 1
-        self.full_rows += len(dup)
+        if not compiling():  # eager counts: a compiled graph would guard on them
+            self.forwards += 1
+            self.full_rows += len(dup)
         index = list(range(batch)) + dup
         if dup:
             args, kwargs = take_rows(args, index, batch), take_rows(kwargs, index, batch)
@@ -64,9 +67,8 @@ class DualPassHook(ModelHook):
     def _uncond_by_text(self, roles, text):
         """Pipelines that run cond and uncond as separate forwards without a cache context (Wan V2V, FLUX
         img2img): a forward whose text is the pipeline's negative prompt embedding is the uncond pass."""
-        ctx = self.state._context.latest
         if (self.negative is None or text is None or any(r != "cond" for r in roles)
-                or (ctx is not None and ctx.name in ("cond", "uncond"))):
+                or self.state._context.name in ("cond", "uncond")):
             return roles
         neg = self.negative
         if neg.shape == text.shape and (neg is text or torch.equal(neg.to(text.device, text.dtype), text)):

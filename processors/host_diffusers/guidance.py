@@ -24,6 +24,7 @@ from diffusers.hooks.hooks import ModelHook
 
 from ..call import StepInfo
 from ..rows import take_rows
+from ..tracing import compiling
 from .run_state import attach_hook, detach_hook
 
 HOOK_NAME = "attnlab_guidance"
@@ -31,6 +32,18 @@ HOOK_NAME = "attnlab_guidance"
 
 def _sample_of(output):
     return output[0] if isinstance(output, tuple) else output.sample
+
+
+def _reads_step(scale_at) -> bool:
+    """Whether `scale_at` looks at the step: its `needs_step` (on the function, or on the object of a bound method
+    such as `GuidanceSchedule.scale_at`); True when it does not say."""
+    needs = getattr(getattr(scale_at, "__self__", scale_at), "needs_step", True)
+    return bool(needs() if callable(needs) else needs)
+
+
+def _off(scale) -> bool:
+    """w is known to be 0 (a tensor w, under torch.compile, is never known: the pass runs)."""
+    return not torch.is_tensor(scale) and scale == 0.0
 
 
 def _with_sample(output, sample):
@@ -52,6 +65,7 @@ class GuidancePass(ModelHook):
         super().__init__()
         self.state = state
         self.scale_at = scale_at
+        self.reads_step = _reads_step(scale_at)
         self.role = role
         self.cfg_scale = cfg_scale
         self.batched = batched
@@ -75,10 +89,19 @@ class GuidancePass(ModelHook):
         i = self._names.index("timestep") if "timestep" in self._names else None
         return args[i] if i is not None and i < len(args) else None
 
-    def _scale_now(self) -> float:
-        step = self.state.step
+    def _scale_now(self, step=None):
+        """w for this forward: a float, or a 0-d tensor under torch.compile when it depends on the step (then
+        the extra pass always runs and w = 0 leaves the prediction unchanged)."""
+        if not self.reads_step:
+            return float(self.scale_at(StepInfo(), None))
+        step = self.state.step if step is None else step
         t = None if step.timestep is None else step.timestep * self.timestep_factor
-        return float(self.scale_at(step, t))
+        w = self.scale_at(step, t)
+        return w if torch.is_tensor(w) else float(w)
+
+    def _count_pass(self) -> None:
+        if not compiling():  # a compiled graph would guard on the count and recompile every step
+            self.passes += 1
 
     def new_forward(self, module, *args, **kwargs):
         forward = self.fn_ref.original_forward
@@ -91,7 +114,7 @@ class GuidancePass(ModelHook):
         if not cond:
             return output
         scale = self._scale_now()
-        if scale == 0.0:
+        if _off(scale):
             return output
         batch = len(roles)
         if len(cond) == batch:
@@ -100,11 +123,11 @@ class GuidancePass(ModelHook):
             extra_args, extra_kwargs = take_rows(args, cond, batch), take_rows(kwargs, cond, batch)
         with self.state.roles_for((self.role,) * len(cond)):
             extra = _sample_of(forward(*extra_args, **extra_kwargs))
-        self.passes += 1
+        self._count_pass()
         return _with_sample(output, self._corrected(_sample_of(output), extra, cond, scale))
 
-    def _check_cfg(self, roles) -> None:
-        if "uncond" in roles and self.cfg_scale() is None and self._scale_now() != 0.0:
+    def _check_cfg(self, roles, step=None) -> None:
+        if "uncond" in roles and self.cfg_scale() is None and not _off(self._scale_now(step)):
             raise RuntimeError("the pipeline runs an unconditional pass (CFG) but the guidance was set up without its "
                                "CFG scale; call the SoftPAGPipeline itself or pass cfg_scale to enabled()")
 
@@ -113,15 +136,16 @@ class GuidancePass(ModelHook):
         roles = self.state.resolve_roles(batch)
         cond = [i for i, r in enumerate(roles) if r == "cond"]
         # the step this forward belongs to is known before it runs (the scheduler state is the same)
-        self.state.step = self.state.resolve_step(self._timestep(args, kwargs))
-        self._check_cfg(roles)
-        scale = self._scale_now() if cond else 0.0
-        if scale == 0.0:
+        t = self._timestep(args, kwargs)
+        step = self.state.traced_step(t) if compiling() else self.state.resolve_step(t)
+        self._check_cfg(roles, step)
+        scale = self._scale_now(step) if cond else 0.0
+        if _off(scale):
             return forward(*args, **kwargs)
         index = list(range(batch)) + cond
         with self.state.roles_for(tuple(roles) + (self.role,) * len(cond)):
             output = forward(*take_rows(args, index, batch), **take_rows(kwargs, index, batch))
-        self.passes += 1
+        self._count_pass()
         sample = _sample_of(output)
         base, extra = sample[:batch], sample[batch:]
         return _with_sample(output, self._corrected(base, extra, cond, scale))

@@ -27,8 +27,13 @@ class UnsupportedModelError(ValueError):
     pass
 
 
+def unwrap(module: torch.nn.Module) -> torch.nn.Module:
+    """The model inside a `torch.compile(model)` wrapper (an OptimizedModule); the module itself otherwise."""
+    return getattr(module, "_orig_mod", module)
+
+
 def family_of(denoiser: torch.nn.Module) -> str:
-    name = type(denoiser).__name__
+    name = type(unwrap(denoiser)).__name__
     try:
         return DENOISER_FAMILIES[name]
     except KeyError:
@@ -57,6 +62,7 @@ def _unet_block_key(name: str):
 def attention_sites(denoiser: torch.nn.Module) -> list[SiteSpec]:
     """Every attention module of the denoiser with its Site (global layer index, kind), in layer order."""
     family = family_of(denoiser)
+    denoiser = unwrap(denoiser)
     specs: list[SiteSpec] = []
     modules = dict(denoiser.named_modules())
     if family == "unet":
@@ -114,6 +120,7 @@ class Geometry:
 
 def geometry_of(denoiser, pipeline=None, vae_scale: Optional[int] = None, native_size=None) -> Geometry:
     family = family_of(denoiser)
+    denoiser = unwrap(denoiser)
     cfg = denoiser.config
     spatial = vae_scale or getattr(pipeline, "vae_scale_factor_spatial", None) or getattr(pipeline, "vae_scale_factor", None) or 8
     temporal = getattr(pipeline, "vae_scale_factor_temporal", None) or (4 if family == "wan" else 1)

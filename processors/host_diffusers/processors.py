@@ -9,17 +9,17 @@ stack is bit-identical to stock; with effects, the q/k/v handed to the kernel be
 
 from __future__ import annotations
 
-import functools
 import math
 from typing import Optional
 
 import torch
 import torch.nn.functional as F
-from diffusers.models.attention_dispatch import dispatch_attention_fn
+from diffusers.models.attention_dispatch import AttentionBackendName, _AttentionBackendRegistry, dispatch_attention_fn
 from diffusers.models.embeddings import apply_rotary_emb
 
 from ..call import AttentionCall, RopeInfo, Site, TokenLayout, fold_scale_into_q, unet_level
 from ..effects import EffectStack
+from ..tracing import cached
 from .model_info import Geometry
 from .run_state import RunState
 
@@ -47,6 +47,7 @@ class _HostProcessor:
     def __init__(self, site: Site, stack: EffectStack, state: RunState, original=None):
         self.site = site
         self.stack = stack
+        self.active = bool(stack)  # a site without effects runs the stock code path
         self.state = state
         self._layouts: dict = {}
         # after `fuse_qkv_projections()` the stock processor is diffusers' Fused* variant: mirror that one
@@ -59,15 +60,11 @@ class _HostProcessor:
     def _image_layout(self, key: tuple, n_image: int, spans) -> TokenLayout:
         """Layout whose image span has `n_image` tokens, with this layer's grid and pixel scale; cached by
         `key` (the call's token counts) and the forward's geometry; `spans()` builds the token spans."""
-        key = key + (self.state.grid, self.state.latent)
-        layout = self._layouts.get(key)
-        if layout is None:
+        def build():
             grid, scale = self._grid_and_scale(n_image)
-            layout = TokenLayout.at(grid, scale, self.geometry.native_size, **spans())
-            if len(self._layouts) > 256:
-                self._layouts.clear()
-            self._layouts[key] = layout
-        return layout
+            return TokenLayout.at(grid, scale, self.geometry.native_size, **spans())
+
+        return cached(self._layouts, key + (self.state.grid, self.state.latent), build)
 
     def _grid_and_scale(self, n_image: int):
         g, grid = self.geometry, self.state.grid
@@ -83,10 +80,8 @@ class _HostProcessor:
         return (1, h, w), (1, px, px)
 
     def _call(self, q, k, v, mask, tokens, rope=None) -> AttentionCall:
-        roles = self.state.roles
-        if roles is not None and len(roles) != q.shape[0]:
-            roles = None  # a forward that bypassed the run-state hook (e.g. a direct block call)
-        return AttentionCall(q, k, v, self.site, tokens, roles, self.state.step, mask, None, rope)
+        roles, step = self.state.call_sources(q.shape[0])
+        return AttentionCall(q, k, v, self.site, tokens, roles, step, mask, None, rope)
 
 
 class AttnlabAttnProcessor(_HostProcessor):
@@ -141,7 +136,7 @@ class AttnlabAttnProcessor(_HostProcessor):
             value = attn.to_v(encoder_hidden_states)
         query, key, value, head_dim = _split_heads(attn, query, key, value, batch_size, attn.norm_q, attn.norm_k)
 
-        if self.stack:
+        if self.active:
             nq, nk = query.shape[2], key.shape[2]
             k_span = "k_text" if self.site.kind == "cross" else "k_image"
             tokens = self._image_layout((nq, nk), nq, lambda: {"q_image": slice(0, nq), k_span: slice(0, nk)})
@@ -201,7 +196,7 @@ class AttnlabJointAttnProcessor(_HostProcessor):
             key = torch.cat([key, ek], dim=2)
             value = torch.cat([value, ev], dim=2)
 
-        if self.stack:
+        if self.active:
             n = query.shape[2]
 
             def spans():
@@ -232,18 +227,14 @@ class AttnlabJointAttnProcessor(_HostProcessor):
 def _backend_takes_scale(backend) -> bool:
     """Whether diffusers' dispatcher forwards `scale` to this backend (it silently drops unsupported args)."""
     try:
-        from diffusers.models.attention_dispatch import _AttentionBackendRegistry
-
-        return _takes_scale(_AttentionBackendRegistry.get_active_backend()[0] if backend is None else backend)
+        name = _AttentionBackendRegistry.get_active_backend()[0] if backend is None else backend
+        return cached(_TAKES_SCALE, name, lambda: "scale" in _AttentionBackendRegistry._supported_arg_names[
+            AttentionBackendName(name)])
     except Exception:  # an unknown registry layout: fold the scale into q instead
         return False
 
 
-@functools.lru_cache(maxsize=None)
-def _takes_scale(backend) -> bool:
-    from diffusers.models.attention_dispatch import AttentionBackendName, _AttentionBackendRegistry
-
-    return "scale" in _AttentionBackendRegistry._supported_arg_names[AttentionBackendName(backend)]
+_TAKES_SCALE: dict = {}
 
 
 class _DispatchProcessor(_HostProcessor):
@@ -271,14 +262,14 @@ class _DispatchProcessor(_HostProcessor):
 
     def _attend(self, query, key, value, mask, tokens, parallel_config, rope=None):
         """Stock dispatch when the stack is empty; otherwise run the stack in the canonical layout."""
-        if not self.stack:
+        if not self.active:
             return self._dispatch(query, key, value, mask, parallel_config)
 
         qc, kc, vc = query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2)
 
         def kernel(q, k, v, m, scale):
-            if q is qc and k is kc and v is vc and m is mask and scale is None:  # untouched: the stock call
-                return self._dispatch(query, key, value, mask, parallel_config).transpose(1, 2)
+            if q is qc and k is kc and v is vc:  # the model's own q/k/v (untouched: the stock call): no copies back
+                return self._dispatch(query, key, value, m, parallel_config, scale).transpose(1, 2)
             out = self._dispatch(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), m, parallel_config, scale)
             return out.transpose(1, 2)
 
@@ -343,7 +334,7 @@ class AttnlabFluxAttnProcessor(_DispatchProcessor):
             return self._image_layout((n, n_text), n - n_text, spans)
 
         rope = None
-        if image_rotary_emb is not None and self.stack:
+        if image_rotary_emb is not None and self.active:
             rope = RopeInfo(image_rotary_emb[0], image_rotary_emb[1], _flux_rotate, self.pos_embed)
         hidden_states = self._attend(query, key, value, attention_mask, tokens, self._parallel_config, rope)
         hidden_states = hidden_states.flatten(2, 3)
@@ -438,7 +429,7 @@ class AttnlabWanAttnProcessor(_DispatchProcessor):
             return self._image_layout((nq, nk), nq, lambda: {"q_image": slice(0, nq), k_span: slice(0, nk)})
 
         rope = None
-        if rotary_emb is not None and self.stack:
+        if rotary_emb is not None and self.active:
             cos, sin = (t.reshape(t.shape[-3], t.shape[-1]) for t in rotary_emb)
             rope = RopeInfo(cos, sin, _wan_rotate)
         parallel_config = self._parallel_config if not cross else None

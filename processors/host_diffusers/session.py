@@ -19,9 +19,9 @@ from typing import Optional, Sequence
 import torch
 
 from ..effects import EffectStack, check_effects
-from .model_info import UnsupportedModelError, attention_sites, family_of, geometry_of
+from .model_info import UnsupportedModelError, attention_sites, family_of, geometry_of, unwrap
 from .processors import PROCESSOR_FOR_KIND, STOCK_PROCESSORS, AttnlabFluxAttnProcessor, _HostProcessor
-from .run_state import RunState, attach_state, detach_state, watch_cfg
+from .run_state import RunState, attach_state, detach_state, watch_cfg, watch_run
 
 logger = logging.getLogger("attnlab")
 
@@ -46,8 +46,8 @@ def denoisers_of(target) -> list[torch.nn.Module]:
     """The denoiser(s) of a pipeline (Wan 2.2 has two), or the target itself if it is a model."""
     if isinstance(target, torch.nn.Module):
         family_of(target)
-        return [target]
-    found = [getattr(target, n) for n in denoiser_names(target)]
+        return [unwrap(target)]
+    found = [unwrap(getattr(target, n)) for n in denoiser_names(target)]
     if not found:
         raise UnsupportedModelError(
             f"{type(target).__name__} has no unet/transformer; pass a diffusers pipeline or its denoiser"
@@ -77,6 +77,7 @@ class Session:
         self._own_states: list[torch.nn.Module] = []
         self._undo: list = []
         self.states: list[RunState] = []
+        self._prepared: list[RunState] = []  # states that hold this session's effects (for `Effect.prepare`)
         self.installed = False
 
     # --- install / remove -----------------------------------------------------------------------
@@ -105,7 +106,10 @@ class Session:
             setattr(denoiser, _STATE_ATTR, state)
             self._own_states.append(denoiser)
             self._undo.append(watch_cfg(self.pipeline, state))
+            self._undo.append(watch_run(self.pipeline, state))
         self.states.append(state)
+        state.effects.extend(self.effects)
+        self._prepared.append(state)
         pos_embed = getattr(denoiser, "pos_embed", None)
         for spec in attention_sites(denoiser):
             previous = spec.module.processor
@@ -147,6 +151,9 @@ class Session:
         for module, previous, _ in reversed(self._swapped):
             module.set_processor(previous)
         self._swapped.clear()
+        while self._prepared:
+            effects = self._prepared.pop().effects
+            del effects[len(effects) - len(self.effects):]
         for denoiser in self._own_states:
             detach_state(denoiser)
             if hasattr(denoiser, _STATE_ATTR):

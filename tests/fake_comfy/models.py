@@ -605,6 +605,13 @@ class FluxSelfAttention(nn.Module):
 FluxSelfAttention.__name__ = FluxSelfAttention.__qualname__ = "SelfAttention"
 
 
+@dataclasses.dataclass
+class ModulationOut:  # a dataclass, as ComfyUI's, so torch.compile traces the fake model too
+    shift: torch.Tensor
+    scale: torch.Tensor
+    gate: torch.Tensor
+
+
 class Modulation(nn.Module):
     def __init__(self, dim, double):
         super().__init__()
@@ -613,7 +620,7 @@ class Modulation(nn.Module):
 
     def forward(self, vec):
         out = self.lin(F.silu(vec))[:, None].chunk(self.multiplier, dim=-1)
-        mk = lambda i: types.SimpleNamespace(shift=out[i], scale=out[i + 1], gate=out[i + 2])  # noqa: E731
+        mk = lambda i: ModulationOut(out[i], out[i + 1], out[i + 2])  # noqa: E731
         return mk(0), (mk(3) if self.multiplier == 6 else None)
 
 
