@@ -46,6 +46,7 @@ from typing import Optional
 import numpy as np
 import torch
 
+from .models import _training_info, load_toy_pipeline
 from .scenes import (BACKGROUND_COLOURS, OBJECT_COLOURS, SHAPES, SIZES, STYLE_WORDS, caption, render_array,
                      sample_scene)
 
@@ -609,18 +610,10 @@ def _flux_loss(comps, mods, z, noise, caps, gen, device, scale, shift, factor):
 def _load_folder(arch: str, folder: Path, comps: dict) -> None:
     """Replace the trainable components (and the VAE) by a saved pipeline folder's, in fp32: training goes on
     from shipped weights when the optimiser state is gone."""
-    import diffusers
-    from transformers import CLIPTextModel, T5EncoderModel
 
-    folder = Path(folder)
-    comps["vae"] = diffusers.AutoencoderKL.from_pretrained(str(folder / "vae"), dtype=torch.float32)
-    comps["text_encoder"] = CLIPTextModel.from_pretrained(str(folder / "text_encoder"), dtype=torch.float32)
-    if arch == "sd":
-        comps["unet"] = diffusers.UNet2DConditionModel.from_pretrained(str(folder / "unet"), dtype=torch.float32)
-    else:
-        comps["text_encoder_2"] = T5EncoderModel.from_pretrained(str(folder / "text_encoder_2"), dtype=torch.float32)
-        comps["transformer"] = diffusers.FluxTransformer2DModel.from_pretrained(str(folder / "transformer"),
-                                                                                dtype=torch.float32)
+    pipe = load_toy_pipeline(arch, path=folder, dtype=torch.float32)
+    names = ("vae", "text_encoder") + (("unet",) if arch == "sd" else ("text_encoder_2", "transformer"))
+    comps.update({name: getattr(pipe, name) for name in names})
 
 
 def train(arch: str, out: str | Path, *, recipe: Optional[Recipe] = None, device: str = "cpu", resume: bool = False,
@@ -651,13 +644,13 @@ def train(arch: str, out: str | Path, *, recipe: Optional[Recipe] = None, device
     if init_from and not (resume and (state_dir / f"{arch}_denoiser.pt").exists()):
         _load_folder(arch, init_from, comps)
         meta["init_from"] = str(init_from)
-        meta["vae_latent_stats"] = _training_info_of(init_from).get("vae_latent_stats")
+        meta["vae_latent_stats"] = _training_info(Path(init_from)).get("vae_latent_stats")
         _log(log, f"weights loaded from {init_from}")
     elif vae_from:
         import diffusers
         comps["vae"] = diffusers.AutoencoderKL.from_pretrained(str(Path(vae_from) / "vae"), dtype=torch.float32)
         meta["vae_from"] = str(vae_from)
-        meta["vae_latent_stats"] = _training_info_of(vae_from).get("vae_latent_stats")
+        meta["vae_latent_stats"] = _training_info(Path(vae_from)).get("vae_latent_stats")
         _log(log, f"vae loaded from {vae_from}")
     else:
         if resume and stats_path.exists():
@@ -682,11 +675,6 @@ def train(arch: str, out: str | Path, *, recipe: Optional[Recipe] = None, device
     if log:
         log.close()
     return res
-
-
-def _training_info_of(folder) -> dict:
-    f = Path(folder) / "training.json"
-    return json.loads(f.read_text()) if f.is_file() else {}
 
 
 def command_line(arch: str, out, r: Recipe, device: str = "cpu", vae_from=None, init_from=None) -> str:
