@@ -6,6 +6,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional, Sequence
 
+from ..processors.params import integer, number
+
 SOCKET_TYPES = ("MODEL", "LATENT", "CONDITIONING", "IMAGE", "MASK", "CLIP", "VAE", "SAM2MODEL")  # SAM2MODEL: SAM2 node packs
 WIDGET_TYPES = ("FLOAT", "INT", "BOOLEAN", "COMBO", "STRING")
 
@@ -34,13 +36,10 @@ class Param:
         if self.type == "COMBO":
             if value not in self.options:
                 raise ValueError(f"{name} must be one of {list(self.options)}; got {value!r}")
-        elif self.type in ("FLOAT", "INT"):
-            if isinstance(value, bool) or not isinstance(value, (int, float)):
-                raise ValueError(f"{name} must be a number; got {value!r}")
-            if self.type == "INT" and int(value) != value:
-                raise ValueError(f"{name} must be an integer; got {value!r}")
-            if (self.min is not None and value < self.min) or (self.max is not None and value > self.max):
-                raise ValueError(f"{name} must be in [{self.min}, {self.max}]; got {value!r}")
+        elif self.type == "FLOAT":
+            return number(name, value, self.min, self.max)
+        elif self.type == "INT":
+            return integer(name, value, self.min, self.max)
         elif self.type == "BOOLEAN" and not isinstance(value, bool):
             raise ValueError(f"{name} must be true or false; got {value!r}")
         elif self.type == "STRING" and not isinstance(value, str):

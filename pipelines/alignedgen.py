@@ -29,7 +29,10 @@ from ..processors.tracing import compiling
 from ..processors.host_diffusers import Session
 from ..processors.host_diffusers.model_info import family_of, unwrap
 from ..processors.host_diffusers.session import denoiser_names
-from .wrapper import PipelineWrapper, unet_conditioning
+from ..processors.effects import Effect
+from ..processors.params import InvalidParameter, ParameterTypeError, choice, effect_list, integer, text
+from .inputs import check_call_args
+from .wrapper import PipelineWrapper, refuse_nesting, unet_conditioning
 
 STYLE_FAMILIES = ("flux", "unet", "sd3", "pixart")
 _PIL_MODES = ("RGB", "RGBA", "L", "LA", "P", "PA", "CMYK", "YCbCr", "RGBX")
@@ -40,39 +43,43 @@ def style_tensor(image, height: int, width: int) -> torch.Tensor:
     ComfyUI IMAGE [1, H, W, 3]) as a [1, 3, height, width] float tensor in [-1, 1]. Any size is accepted and
     resized (stretched, bicubic) to the generation size; grayscale is replicated, alpha is dropped."""
     if image is None:
-        raise ValueError("style_image is None")
+        raise InvalidParameter("style_image is None")
     if hasattr(image, "convert") and hasattr(image, "mode"):  # PIL
         if image.mode not in _PIL_MODES:
-            raise ValueError(f"style_image has PIL mode {image.mode!r}; use an RGB, RGBA, L or palette image "
+            raise InvalidParameter(f"style_image has PIL mode {image.mode!r}; use an RGB, RGBA, L or palette image "
                              f"(accepted modes: {', '.join(_PIL_MODES)})")
         image = np.asarray(image.convert("RGB"), dtype=np.float32) / 255.0
+    channels_last = False
     if isinstance(image, np.ndarray):
         if image.dtype.kind not in "uif":
-            raise ValueError(f"style_image must be numeric, got an array of dtype {image.dtype}")
+            raise ParameterTypeError(f"style_image must be numeric, got an array of dtype {image.dtype}")
         scale = 255.0 if image.dtype.kind in "ui" else 1.0
         image = torch.from_numpy(np.ascontiguousarray(image)).float() / scale
+        channels_last = True  # numpy images are (H, W, C)
     if not torch.is_tensor(image):
-        raise ValueError(f"style_image must be a PIL image, numpy array or torch tensor, got {type(image).__name__}")
+        raise ParameterTypeError(f"style_image must be a PIL image, numpy array or torch tensor, got "
+                                 f"{type(image).__name__}")
     x = image.detach().float()
     if x.ndim == 4:
         if x.shape[0] != 1:
-            raise ValueError(f"style_image must be one image; got a batch of {x.shape[0]}")
+            raise InvalidParameter(f"style_image must be one image; got a batch of {x.shape[0]}")
         x = x[0]
     if x.ndim == 2:
         x = x[None].expand(3, -1, -1)
+    elif x.ndim == 3 and x.shape[-1] in (1, 3, 4) and (channels_last or x.shape[0] not in (1, 3)):
+        x = x.permute(2, 0, 1)  # (H, W, C) -> (C, H, W); a tensor is (C, H, W) unless only its last axis fits
     if x.ndim != 3:
-        raise ValueError(f"style_image must be (H, W), (H, W, C), (C, H, W) or (1, ...); got shape {tuple(image.shape)}")
-    if x.shape[0] not in (1, 3, 4) and x.shape[-1] in (1, 3, 4):
-        x = x.permute(2, 0, 1)  # HWC -> CHW
+        raise InvalidParameter(f"style_image must be (H, W), (H, W, C), (C, H, W) or (1, ...); got shape "
+                               f"{tuple(image.shape)}")
     if x.shape[0] not in (1, 3, 4):
-        raise ValueError(f"style_image must have 1, 3 or 4 channels; got shape {tuple(image.shape)}")
+        raise InvalidParameter(f"style_image must have 1, 3 or 4 channels; got shape {tuple(image.shape)}")
     x = x[:3] if x.shape[0] >= 3 else x.expand(3, -1, -1)
     if min(x.shape[-2:]) < 8:
-        raise ValueError(f"style_image is too small ({x.shape[-2]}x{x.shape[-1]} pixels; at least 8x8)")
+        raise InvalidParameter(f"style_image is too small ({x.shape[-2]}x{x.shape[-1]} pixels; at least 8x8)")
     if not torch.isfinite(x).all():
-        raise ValueError("style_image contains NaN or infinite values")
+        raise InvalidParameter("style_image contains NaN or infinite values")
     if x.min() < -1e-3 or x.max() > 1 + 1e-3:
-        raise ValueError(f"style_image values must be in [0, 1] (floats) or 0..255 (integers); got "
+        raise InvalidParameter(f"style_image values must be in [0, 1] (floats) or 0..255 (integers); got "
                          f"[{float(x.min()):.3g}, {float(x.max()):.3g}]")
     x = torch.nn.functional.interpolate(x[None], size=(height, width), mode="bicubic", align_corners=False,
                                         antialias=True).clamp(0, 1)
@@ -137,6 +144,7 @@ class AlignedGenPipeline(PipelineWrapper):
     def __init__(self, pipe, *, layers=None, steps=None, adain: str = "qk", scale: Optional[float] = None,
                  schedule: str = "fix", shift="auto", shift_axis: str = "width", ref_frames="all",
                  effects: Sequence = (), **session_options):
+        refuse_nesting(self, pipe)
         self.pipe = pipe
         self.names = denoiser_names(pipe)
         if not self.names:
@@ -144,7 +152,10 @@ class AlignedGenPipeline(PipelineWrapper):
         self.family = family_of(getattr(pipe, self.names[0]))
         self.effect = AlignedGen(layers=layers, steps=steps, adain=adain, scale=scale, schedule=schedule,
                                  shift=shift, shift_axis=shift_axis, ref_frames=ref_frames)
-        self.extra_effects = list(effects)
+        self.extra_effects = effect_list("effects", effects, Effect)
+        if any(isinstance(e, AlignedGen) for e in self.extra_effects):
+            raise InvalidParameter("effects contains an AlignedGen effect: AlignedGenPipeline installs its own; a "
+                                   "second one would share attention twice")
         self.session_options = session_options
         self.lockstep: Optional[LockStepReference] = None
         self.last_trajectory: Optional[dict] = None
@@ -166,9 +177,13 @@ class AlignedGenPipeline(PipelineWrapper):
         noise it is forward-noised with; inversion: "none" (forward noising) or "ddim" (SD1.5/SDXL: the
         reference row follows the DDIM inversion of the image with `style_prompt`, one extra UNet forward per
         step, as StyleAligned's transfer notebook). return_reference: keep the reference row in the output."""
-        prompts = [prompt] if isinstance(prompt, str) else list(prompt or [])
         if args:
             raise TypeError("AlignedGenPipeline takes the prompt list positionally and everything else by keyword")
+        check_call_args(dict(prompt=prompt, **kwargs))
+        text("style_prompt", style_prompt, allow_empty=True)
+        integer("style_seed", style_seed, 0, 2**63 - 1)
+        choice("inversion", inversion, ("none", "ddim"))
+        prompts = [prompt] if isinstance(prompt, str) else list(prompt or [])
         per = int(kwargs.get("num_images_per_prompt", 1) or 1)
         if style_image is None:
             if len(prompts) * per < 2:

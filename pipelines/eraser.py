@@ -35,6 +35,7 @@ mask (z = m·z + (1−m)·z_{t_next}; after the last step z0). Strength is alway
 from __future__ import annotations
 
 import contextlib
+import logging
 import math
 from typing import Optional
 
@@ -43,14 +44,19 @@ import torch
 import torch.nn.functional as F
 
 from ..processors.call import select
-from ..processors.eraser import REDIRECTED, AttentiveEraser, as_mask_tensor, dilate
+from ..processors.eraser import MAX_DILATE_PX, REDIRECTED, AttentiveEraser, as_mask_tensor, dilate
+from ..processors.params import InvalidParameter, choice, number
 from ..processors.host_diffusers import Session
 from ..processors.host_diffusers.session import denoiser_names
-from .wrapper import PipelineWrapper, unet_conditioning
+from .inputs import check_call_args, check_size_multiple, rgb_images
+from .wrapper import PipelineWrapper, refuse_nesting, unet_conditioning
 from ..processors.host_diffusers.guidance import GuidancePass, cfg_scales, guided
 from ..processors.host_diffusers.model_info import family_of
 
+logger = logging.getLogger("attnlab")
+
 MODES = ("sip", "dip")
+MAX_SARG_SCALE = 50.0
 
 
 def _inpaint_class(pipe):
@@ -112,17 +118,12 @@ class AttentiveEraserPipeline(PipelineWrapper):
     def __init__(self, pipe, sarg_scale: float = 9.0, ss_scale: float = 0.3, ss_steps: int = 9, layers=None,
                  dilate_px: Optional[float] = None, mode: str = "sip", *, start_step: int = 0,
                  kernel: str = "gather", mask_text_queries: bool = True, **session_options):
-        if mode not in MODES:
-            raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
-        sarg_scale = float(sarg_scale)
-        if not math.isfinite(sarg_scale) or sarg_scale < 0:
-            raise ValueError(f"sarg_scale must be a finite number >= 0, got {sarg_scale}")
-        if dilate_px is not None and (not math.isfinite(float(dilate_px)) or float(dilate_px) < 0):
-            raise ValueError(f"dilate_px must be >= 0 or None, got {dilate_px}")
+        refuse_nesting(self, pipe)
         self.pipe = pipe
-        self.mode = mode
-        self.sarg_scale = sarg_scale
-        self.dilate_px = None if dilate_px is None else float(dilate_px)
+        self.mode = choice("mode", mode, MODES)
+        # s beyond ~50 only amplifies the extra pass's difference into saturated or NaN images
+        self.sarg_scale = number("sarg_scale", sarg_scale, 0.0, MAX_SARG_SCALE)
+        self.dilate_px = None if dilate_px is None else number("dilate_px", dilate_px, 0.0, MAX_DILATE_PX)
         self.options = dict(ss_scale=ss_scale, ss_steps=ss_steps, start_step=start_step, layers=layers,
                             kernel=kernel, mask_text_queries=mask_text_queries)
         self.session_options = session_options
@@ -185,10 +186,24 @@ class AttentiveEraserPipeline(PipelineWrapper):
                  composite_blur: Optional[float] = None, return_dict: bool = True, **kwargs):
         if composite and output_type == "latent":
             raise ValueError("composite=True needs decoded images; use another output_type")
-        if image is None:
-            raise ValueError("Attentive Eraser needs an image")
+        check_call_args(dict(prompt=prompt, strength=strength, num_inference_steps=num_inference_steps,
+                             guidance_scale=guidance_scale, height=height, width=width, **kwargs))
+        image, count, (ih, iw) = rgb_images("image", image, min_side=2 * int(self.inpaint.vae_scale_factor))
+        if composite_blur is not None:
+            number("composite_blur", composite_blur, 0.0, 1000.0)
+        if height is None and width is None:
+            check_size_multiple("image", ih, iw, int(self.inpaint.vae_scale_factor))
         h, w = self.image_size(image, height, width)
+        check_size_multiple("height x width", h, w, int(self.inpaint.vae_scale_factor))
         obj = self.prepare_mask(mask, h, w)
+        if obj.shape[0] not in (1, count):
+            raise InvalidParameter(f"mask has {obj.shape[0]} masks for {count} image(s): pass one mask, or one per "
+                                   "image")
+        if self.sarg_scale > 0 and bool(obj.flatten(1).all(1).any()):
+            raise InvalidParameter("mask covers the whole image (after dilation): Attentive Eraser redirects "
+                                   "attention to the background, and there is none; use a smaller mask or dilate_px")
+        if not bool(obj.any()):
+            logger.warning("Attentive Eraser: the mask is empty, so nothing is erased (plain inpaint sampling)")
         blend = self.blend_mask(obj)
         self.last_mask = blend
         if self.mode == "dip":

@@ -27,7 +27,9 @@ from ..processors.freeswim import FreeSwim, check_target_size, freeswim_effects
 from ..processors.host_diffusers.dual_pass import dual_pass
 from ..processors.host_diffusers.model_info import family_of, geometry_of
 from ..processors.host_diffusers.session import denoiser_names
-from .wrapper import PipelineWrapper
+from ..processors.params import InvalidParameter, number, pixel_size
+from .inputs import check_call_args
+from .wrapper import PipelineWrapper, refuse_nesting
 
 #: stage-2 pipelines built from the stage-1 pipeline's components
 STAGE2 = {"WanPipeline": "WanVideoToVideoPipeline", "FluxPipeline": "FluxImg2ImgPipeline",
@@ -35,6 +37,7 @@ STAGE2 = {"WanPipeline": "WanVideoToVideoPipeline", "FluxPipeline": "FluxImg2Img
           "StableDiffusionPipeline": "StableDiffusionImg2ImgPipeline",
           "StableDiffusionXLPipeline": "StableDiffusionXLImg2ImgPipeline"}
 DEFAULT_SHIFT = {"wan": 9.0, "flux": None, "sd3": None, "unet": None}
+MAX_FLOW_SHIFT = 100.0
 
 
 @contextlib.contextmanager
@@ -61,7 +64,8 @@ def shifted_scheduler(scheduler, shift: Optional[float]):
         return type(scheduler).from_config(config, flow_shift=float(shift))
     if "shift" in config:
         return type(scheduler).from_config(config, shift=float(shift), use_dynamic_shifting=False)
-    raise ValueError(f"{type(scheduler).__name__} has no flow shift; pass flow_shift=None")
+    raise InvalidParameter(f"flow_shift={shift:g} needs a flow-matching scheduler; {type(scheduler).__name__} has no "
+                           "flow shift: pass flow_shift=None")
 
 
 class FreeSwimPipeline(PipelineWrapper):
@@ -76,6 +80,7 @@ class FreeSwimPipeline(PipelineWrapper):
     """
 
     def __init__(self, pipe, base_size=None, strength: float = 0.7, flow_shift=..., **options):
+        refuse_nesting(self, pipe)
         names = denoiser_names(pipe)
         if not names:
             raise ValueError(f"{type(pipe).__name__} has no transformer; pass a Wan or FLUX pipeline")
@@ -84,14 +89,14 @@ class FreeSwimPipeline(PipelineWrapper):
         if type(pipe).__name__ not in STAGE2:
             raise ValueError(f"FreeSwimPipeline drives {sorted(STAGE2)} (text-to-video / text-to-image); got "
                              f"{type(pipe).__name__}. For other pipelines use `freeswim(pipe)` around your own stage 2")
-        if not (0.0 < strength <= 1.0):
-            raise ValueError(f"FreeSwim strength must be in (0, 1]; got {strength}")
-        self.strength = float(strength)
-        self.flow_shift = DEFAULT_SHIFT[self.family] if flow_shift is ... else flow_shift
+        self.strength = number("strength", strength, 0.0, 1.0, low_open=True)
+        self.flow_shift = DEFAULT_SHIFT[self.family] if flow_shift is ... else (
+            None if flow_shift is None else number("flow_shift", flow_shift, 0.0, MAX_FLOW_SHIFT, low_open=True))
+        shifted_scheduler(pipe.scheduler, self.flow_shift)  # a scheduler without a shift fails here, not in stage 2
         geometry = geometry_of(getattr(pipe, names[0]), pipe)
         self.multiple = geometry.token_scale[1]
         native = geometry.native_size[1:]
-        self.base_size = tuple(int(s) for s in (base_size or native))
+        self.base_size = native if base_size is None else pixel_size("base_size", base_size, dims=(2,))
         check_target_size(*self.base_size, self.multiple, "base_size")
         self.options = dict(options)
         self.options.setdefault("base_size", self.base_size)
@@ -122,6 +127,8 @@ class FreeSwimPipeline(PipelineWrapper):
                  output_type: str = "pil", **kwargs):
         if height is None or width is None:
             raise ValueError("FreeSwimPipeline needs the target height and width")
+        check_call_args(dict(prompt=prompt, height=height, width=width, num_inference_steps=num_inference_steps,
+                             base_steps=base_steps, **kwargs))
         check_target_size(height, width, self.multiple)
         bh, bw = self.base_size
         if self.family == "wan" and kwargs.get("prompt_embeds") is None:

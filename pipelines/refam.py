@@ -23,9 +23,20 @@ from ..processors.host_diffusers.model_info import attention_sites, family_of
 from ..processors.host_diffusers.session import Session, denoiser_names
 from ..processors.refam_run import RefAMOptions, RefAMResult, Words, finish, recorder_for
 from ..processors.refam_tokens import token_sets
-from .wrapper import PipelineWrapper
+from ..processors.params import InvalidParameter, ParameterTypeError, int_list, integer, number
+from ..processors.params import text as text_param
+from .wrapper import PipelineWrapper, refuse_nesting
 
 FAMILIES = ("flux", "sd3", "unet", "wan", "pixart")
+
+
+def check_options(opts: RefAMOptions) -> None:
+    """RefAMOptions.validate plus the numeric options a user passes most (checked with their names)."""
+    if opts.layers is not None:
+        int_list("layers", opts.layers, 0, 10_000)
+    number("guidance", opts.guidance, 0.0, 100.0)
+    integer("seed", opts.seed, 0, 2**63 - 1)
+    opts.validate()
 
 
 class RefAMPipeline(PipelineWrapper):
@@ -34,11 +45,12 @@ class RefAMPipeline(PipelineWrapper):
         if not names:
             raise ValueError(f"{type(pipe).__name__} has no unet/transformer; RefAM needs a diffusers text-to-image "
                              "or text-to-video pipeline")
+        refuse_nesting(self, pipe)
         self.pipe = pipe
         self.denoiser = getattr(pipe, names[0])
         self.family = family_of(self.denoiser)
         self.options = RefAMOptions().with_(**options)
-        self.options.validate()
+        check_options(self.options)
         self.hooks = []
         self.last_timings: dict = {}
 
@@ -75,9 +87,16 @@ class RefAMPipeline(PipelineWrapper):
                 a = (a * 255.0) if a.max() <= 1.0 else a
             elif hasattr(f, "convert"):
                 a = np.asarray(f.convert("RGB"))
+            elif isinstance(f, np.ndarray):
+                a = f
+                if a.dtype.kind not in "buif":
+                    raise ParameterTypeError(f"image must be a numeric array; got dtype {a.dtype}")
+                a = (a * 255.0) if a.dtype != np.uint8 and a.size and a.max() <= 1.0 else a
             else:
-                a = np.asarray(f)
-                a = (a * 255.0) if a.dtype != np.uint8 and a.max() <= 1.0 else a
+                raise ParameterTypeError(f"image must be a PIL image, an H×W×3 array or a 3×H×W tensor (or a list of "
+                                         f"frames); got {type(f).__name__}")
+            if not np.isfinite(np.asarray(a, dtype=np.float64)).all():
+                raise InvalidParameter("image contains NaN or infinite values")
             if a.ndim == 2:
                 a = np.repeat(a[..., None], 3, axis=-1)
             if a.ndim != 3 or a.shape[-1] not in (3, 4):
@@ -204,7 +223,9 @@ class RefAMPipeline(PipelineWrapper):
                 max_sequence_length: Optional[int] = None, generator: Optional[torch.Generator] = None) -> Prepared:
         """Everything before the forwards: the prompt and its words, the image latent, the noise, the text
         inputs and the recorder. Raises ValueError for bad input before any model runs."""
-        prompt = opts.prompt(expression)
+        prompt = opts.prompt(text_param("expression", expression))
+        if max_sequence_length is not None:
+            integer("max_sequence_length", max_sequence_length, 1, 4096)
         if isinstance(image, (list, tuple)) and self.family != "wan":
             raise ValueError(f"a list of frames needs a video model (Wan); this is a {self.family} pipeline")
         x, uint8 = self._pixels(image, resize)
@@ -213,6 +234,9 @@ class RefAMPipeline(PipelineWrapper):
             raise ValueError(f"Wan takes 1 + {st}·k frames (1, {1 + st}, {1 + 2 * st}, ...); got {len(uint8)}")
         text, segments = self._text(prompt, opts, max_sequence_length)
         words = Words.of(prompt, segments, opts.filter_stopwords)
+        if not words.content:
+            raise InvalidParameter(f"expression {expression!r} has no content word to segment (only stop words or "
+                                   "magnets); name the object, e.g. 'the red circle'")
         sites = [(s.site.layer, s.site.kind) for s in attention_sites(self.denoiser)]
         doubles = len(getattr(self.denoiser, "transformer_blocks", [])) if self.family == "flux" else 0
         recorder = recorder_for(opts, words, self.family, sites, doubles)
@@ -238,7 +262,7 @@ class RefAMPipeline(PipelineWrapper):
         of 1 + 4k frames for Wan). Options override the pipeline's (see `RefAMOptions`). `sam`: a SAM/SAM2 image
         predictor for mask_mode "sam_point"/"sam_box"."""
         opts = self.options.with_(**options) if options else self.options
-        opts.validate()
+        check_options(opts)
         if opts.mask_mode != "threshold" and sam is None:
             raise ValueError(f"mask_mode {opts.mask_mode!r} needs a SAM/SAM2 image predictor (sam=...); use "
                              "mask_mode='threshold' without one")

@@ -23,13 +23,17 @@ from typing import Optional, Sequence
 from ..processors.headsets import HeadSet
 from ..processors.host_diffusers import Session
 from ..processors.host_diffusers.session import denoiser_names
-from .wrapper import PipelineWrapper
+from ..processors.effects import Effect
+from ..processors.params import InvalidParameter, boolean, effect_list, number
+from .inputs import check_call_args
+from .wrapper import PipelineWrapper, refuse_nesting, refuse_second_guidance
 from ..processors.host_diffusers.guidance import GuidancePass, cfg_scales, guided
 from ..processors.host_diffusers.model_info import attention_sites, family_of
 from ..processors.presets import load_preset, preset_options
 from ..processors.softpag import GuidanceSchedule, SoftPAG
 
 _AUTO = object()
+MAX_SCALE = 50.0
 
 
 class SoftPAGPipeline(PipelineWrapper):
@@ -52,11 +56,18 @@ class SoftPAGPipeline(PipelineWrapper):
                  dual_attention: bool = False, start: float = 0.0, end: float = 1.0,
                  sigma_min: Optional[float] = None, sigma_max: Optional[float] = None, adaptive_scale: float = 0.0,
                  batched: bool = False, effects: Sequence = (), **session_options):
+        refuse_nesting(self, pipe)
         self.pipe = pipe
         self.names = denoiser_names(pipe)
         if not self.names:
             raise ValueError(f"{type(pipe).__name__} has no unet/transformer; pass a diffusers pipeline")
         self.family = family_of(getattr(pipe, self.names[0]))
+        if scale is not None:  # beyond ~50 the guidance term only saturates the image (or turns it into NaN)
+            scale = number("scale", scale, 0.0, MAX_SCALE)
+        self.extra_effects = effect_list("effects", effects, Effect)
+        if any(isinstance(e, SoftPAG) for e in self.extra_effects):
+            raise InvalidParameter("effects contains a SoftPAG effect: SoftPAGPipeline installs its own (from heads, "
+                                   "u, ...); a second one would blend the same heads twice. Put every head in `heads`")
         options = {}
         if preset is not None:
             data = load_preset(preset)
@@ -75,8 +86,7 @@ class SoftPAGPipeline(PipelineWrapper):
                                          adaptive_scale)
         self.effect.validate()
         self.schedule.validate()
-        self.batched = bool(batched)
-        self.extra_effects = list(effects)
+        self.batched = boolean("batched", batched)
         self.session_options = session_options
         self.hooks: list[GuidancePass] = []
         # validate heads/layers against the model now, before any call
@@ -87,6 +97,7 @@ class SoftPAGPipeline(PipelineWrapper):
 
     # --- running ------------------------------------------------------------------------------------
     def __call__(self, *args, **kwargs):
+        check_call_args({**dict(zip(("prompt",), args)), **kwargs})
         scales = cfg_scales(self.pipe, self.family, args, kwargs)
         with self.enabled(cfg_scale=scales):
             return self.pipe(*args, **kwargs)
@@ -100,6 +111,7 @@ class SoftPAGPipeline(PipelineWrapper):
         if cfg_scale is _AUTO and self.family != "flux" and not hasattr(type(self.pipe), "guidance_scale"):
             raise ValueError(f"{type(self.pipe).__name__} does not expose its CFG scale while it runs; call the "
                              "SoftPAGPipeline itself, or pass enabled(cfg_scale=<the guidance_scale you use, or None>)")
+        refuse_second_guidance(self.pipe, self.names, "SoftPAGPipeline")
         active = self.schedule.scale > 0.0 and any(
             self.effect.applies(spec.site) for name in self.names for spec in attention_sites(getattr(self.pipe, name)))
         with guided(self.pipe, [self.effect, *self.extra_effects], self.schedule.scale_at, "perturbed",

@@ -3,6 +3,8 @@ not define to it, and counts the extra guidance forwards of its last call."""
 
 from __future__ import annotations
 
+from ..processors.params import InvalidParameter, ParameterTypeError
+
 
 class PipelineWrapper:
     hooks: list = []
@@ -21,6 +23,31 @@ class PipelineWrapper:
     def extra_passes(self) -> int:
         """Extra forwards run by the last call (one per step where guidance was active, per denoiser)."""
         return sum(h.passes for h in self.hooks)
+
+
+def refuse_nesting(wrapper, pipe) -> None:
+    """attnlab wrappers wrap stock pipelines. One wrapped in another would read the CFG scale off the inner
+    wrapper's signature and install a second guidance hook, so it is refused here, with the ways that work."""
+    if isinstance(pipe, PipelineWrapper):
+        outer, inner = type(wrapper).__name__, type(pipe).__name__
+        raise ParameterTypeError(
+            f"{outer} wraps a stock diffusers pipeline, not another attnlab wrapper ({inner}). To combine methods, "
+            f"wrap the stock pipeline (`{inner.lower()}.pipe`) with each and call one inside the other's "
+            f"`enabled()` block, e.g. `with softpag.enabled(): aligned(...)`; effects without a pipeline of their "
+            "own (EntropyScaling, ...) go in `effects=[...]`")
+
+
+def refuse_second_guidance(pipe, names, who: str) -> None:
+    """Refuse to stack a second guidance pass on a denoiser that already runs one (another wrapper's
+    `enabled()` block, or this one entered twice): each extra pass assumes it is the only one."""
+    from ..processors.host_diffusers.guidance import HOOK_NAME
+
+    for name in names:
+        registry = getattr(getattr(pipe, name), "_diffusers_hook", None)
+        if registry is not None and registry.get_hook(HOOK_NAME) is not None:
+            raise InvalidParameter(
+                f"{who}: the {name} already runs an attnlab guidance pass (SoftPAG or Attentive Eraser, from an "
+                "enclosing `enabled()` block or call); one guidance method at a time: leave that block first")
 
 
 class _Captured(Exception):

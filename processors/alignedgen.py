@@ -34,6 +34,7 @@ import torch
 
 from .call import FAMILIES, AttentionCall, RopeInfo, Site, select
 from .effects import Attend, Effect
+from .params import InvalidParameter, ParameterTypeError, boolean, choice, integer, number
 from .tracing import compiling
 
 logger = logging.getLogger("attnlab")
@@ -47,6 +48,15 @@ ROPE_FAMILIES = ("flux", "wan")
 SHARE_KINDS = {"flux": ("single", "joint"), "unet": ("self",), "pixart": ("self",), "sd3": ("joint",), "wan": ("self",)}
 DEFAULT_KINDS = {"flux": ("single",), "unet": ("self",), "pixart": ("self",), "sd3": ("joint",), "wan": ("self",)}
 CHUNK_ROLES = ("cond", "uncond")
+MAX_LAYER = 10_000  # layer numbers beyond any model: a typo, not a range to expand
+MAX_STEP = 10_000
+MAX_SHIFT = 1_000_000
+
+
+def _pair(name: str, value) -> tuple:
+    if isinstance(value, (str, bytes)) or not isinstance(value, Sequence) or len(value) != 2:
+        raise ParameterTypeError(f"{name} must be (start, end); got {value!r}")
+    return tuple(value)
 
 
 def parse_layers(layers) -> Optional[frozenset]:
@@ -60,23 +70,23 @@ def parse_layers(layers) -> Optional[frozenset]:
             if not part:
                 continue
             try:
-                if "-" in part:
-                    a, b = (int(s) for s in part.split("-", 1))
-                    if b < a:
-                        raise ValueError
-                    out.update(range(a, b + 1))
-                else:
-                    out.add(int(part))
+                a, b = (int(s) for s in part.split("-", 1)) if "-" in part[1:] else (int(part), int(part))
             except ValueError:
-                raise ValueError(f"layers: cannot read {part!r}; use e.g. '19-56' or '0-3, 7'") from None
+                raise InvalidParameter(f"layers: cannot read {part!r}; use e.g. '19-56' or '0-3, 7'") from None
+            if not 0 <= a <= b <= MAX_LAYER:
+                raise InvalidParameter(f"layers: {part!r} must be a layer or a range a-b with "
+                                       f"0 <= a <= b <= {MAX_LAYER}")
+            out.update(range(a, b + 1))
         if not out:
-            raise ValueError("layers: empty layer list")
+            raise InvalidParameter(f"layers is empty ({layers!r}): name at least one layer, or pass None for the "
+                                   "default layers")
         return frozenset(out)
-    if isinstance(layers, int):
-        return frozenset((layers,))
-    out = frozenset(int(x) for x in layers)
+    if isinstance(layers, (bool, dict, bytes)) or not isinstance(layers, (int, Sequence, range, set, frozenset)):
+        raise ParameterTypeError(f"layers must be None, a layer number, a list of them or text like '19-56'; "
+                                 f"got {layers!r} ({type(layers).__name__})")
+    out = frozenset(integer("layers entry", x, 0, MAX_LAYER) for x in ((layers,) if isinstance(layers, int) else layers))
     if not out:
-        raise ValueError("layers: empty layer list")
+        raise InvalidParameter("layers is empty: name at least one layer, or pass None for the default layers")
     return out
 
 
@@ -165,11 +175,17 @@ class AlignedGen(Effect):
                  chunk: Optional[int] = None, ref_frames="all", enabled: bool = True,
                  rope_source: Optional[Callable] = None):
         self.layers = parse_layers(layers)
-        self.steps = None if steps is None else tuple(int(s) for s in steps)
-        self.adain, self.scale, self.schedule = adain, (None if scale is None else float(scale)), schedule
-        self.shift, self.shift_axis = shift, shift_axis
-        self.reference, self.chunk, self.ref_frames = int(reference), chunk, ref_frames
-        self.enabled = bool(enabled)
+        self.steps = None if steps is None else tuple(
+            integer(f"steps[{i}]", s, 0, MAX_STEP) for i, s in enumerate(_pair("steps", steps)))
+        self.adain = choice("adain", adain, ADAIN_MODES)
+        self.scale = None if scale is None else number("scale", scale, 0.0, 10.0)
+        self.schedule = choice("schedule", schedule, SCHEDULES)
+        self.shift = shift if shift == "auto" else integer("shift", shift, -MAX_SHIFT, MAX_SHIFT)
+        self.shift_axis = choice("shift_axis", shift_axis, SHIFT_AXES)
+        self.reference = integer("reference", reference, 0)
+        self.chunk = None if chunk is None else integer("chunk", chunk, 2)
+        self.ref_frames = ref_frames if ref_frames in ("all", "first") else integer("ref_frames", ref_frames, 1)
+        self.enabled = boolean("enabled", enabled)
         self.rope_source = rope_source
         self.validate()
         self.calls = 0  # shared (modified) calls, per group: for gating tests and logging

@@ -14,6 +14,7 @@ from typing import Optional, Sequence
 
 from .call import AttentionCall, Site
 from .effects import Attend, Effect
+from .params import choice, number, pixel_size
 from .tracing import compiling
 
 TOKEN_COUNTS = ("joint", "image")
@@ -27,19 +28,12 @@ def entropy_lambda(n: int, t: int, strength: float = 1.0) -> float:
     return (math.log(n) / math.log(t)) ** (0.5 * strength)
 
 
-def _size3(size) -> Optional[tuple[int, int, int]]:
+def _size3(size, name: str = "train_size") -> Optional[tuple[int, int, int]]:
+    """None, or a pixel size (an int, (height, width) or (frames, height, width)) as (frames, height, width)."""
     if size is None:
         return None
-    if isinstance(size, (int, float)):
-        size = (int(size), int(size))
-    size = tuple(int(s) for s in size)
-    if len(size) == 2:
-        size = (1,) + size
-    if len(size) != 3 or min(size) < 1:
-        raise ValueError(
-            f"train_size must be a positive int, (height, width) or (frames, height, width) in pixels; got {size!r}"
-        )
-    return size
+    size = pixel_size(name, size)
+    return size if len(size) == 3 else (1,) + size
 
 
 class EntropyScaling(Effect):
@@ -56,18 +50,16 @@ class EntropyScaling(Effect):
     name = "entropy_scaling"
 
     def __init__(self, strength: float = 1.0, train_size=None, token_count: str = "joint"):
-        self.strength = float(strength)
+        self.strength = number("strength", strength, 0.0, 4.0)
         self.train_size = _size3(train_size)
-        self.token_count = token_count
+        self.token_count = choice("token_count", token_count, TOKEN_COUNTS)
         self.last_lambda: dict[str, float] = {}  # site name -> λ of its latest call (for reports)
         self._cache: dict = {}  # (key count, id(layout)) -> (layout, λ); hosts reuse layout objects
         self.validate()
 
     def validate(self) -> None:
-        if not (0.0 <= self.strength <= 4.0) or math.isnan(self.strength):
-            raise ValueError(f"strength must be in [0, 4]; got {self.strength}")
-        if self.token_count not in TOKEN_COUNTS:
-            raise ValueError(f"token_count must be one of {TOKEN_COUNTS}; got {self.token_count!r}")
+        number("strength", self.strength, 0.0, 4.0)
+        choice("token_count", self.token_count, TOKEN_COUNTS)
 
     def check_model(self, family: str, token_scale) -> None:
         if self.train_size is None or token_scale is None:

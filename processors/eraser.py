@@ -27,10 +27,14 @@ import torch.nn.functional as F
 from .call import AttentionCall, Site, TokenLayout, select
 from .effects import Attend, Effect
 from .headsets import HeadSet
+from .params import InvalidParameter, ParameterTypeError, boolean, choice, integer, number
 from .tracing import compiling
 
 REDIRECTED = "redirected"
 KERNELS = ("gather", "bias")
+MAX_STEPS = 10_000
+#: mask growth beyond which a disk covers any image attnlab accepts (params.MAX_PIXELS · √2)
+MAX_DILATE_PX = 23_200.0
 
 
 # --- masks ------------------------------------------------------------------------------------------
@@ -40,17 +44,17 @@ def as_mask_tensor(mask) -> torch.Tensor:
     [B, 1, H, W] with values in {0, 1}. Integer masks with values above 1 are 8-bit images (255 = remove);
     values are thresholded at 0.5 (anti-aliased edges count as object from half coverage)."""
     if mask is None:
-        raise ValueError("Attentive Eraser needs a mask (1 = object to remove)")
+        raise InvalidParameter("mask is missing: Attentive Eraser needs a mask (1 / white = object to remove)")
     if hasattr(mask, "convert") and hasattr(mask, "size"):  # PIL
         mask = np.asarray(mask.convert("L"), dtype=np.float32) / 255.0
     if isinstance(mask, np.ndarray):
         if mask.dtype.kind not in "biuf":
-            raise ValueError(f"mask must be boolean or numeric, got an array of dtype {mask.dtype}")
+            raise ParameterTypeError(f"mask must be boolean or numeric, got an array of dtype {mask.dtype}")
         mask = torch.from_numpy(np.ascontiguousarray(mask))
     if not torch.is_tensor(mask):
-        raise ValueError(f"mask must be a PIL image, numpy array or torch tensor, got {type(mask).__name__}")
+        raise ParameterTypeError(f"mask must be a PIL image, numpy array or torch tensor, got {type(mask).__name__}")
     if mask.is_complex():
-        raise ValueError("mask must be real-valued")
+        raise ParameterTypeError("mask must be real-valued, not complex")
     m = mask.detach().float()
     if not mask.is_floating_point() and mask.dtype != torch.bool and m.numel() and m.max() > 1:
         m = m / 255.0  # an 8-bit image: white (255) = remove
@@ -61,25 +65,48 @@ def as_mask_tensor(mask) -> torch.Tensor:
     elif m.ndim == 3:
         m = m[:, None] if m.shape[0] != 1 else m[None]
     if m.ndim != 4 or m.shape[1] != 1:
-        raise ValueError(f"mask must be (H, W), (H, W, C), (1, H, W) or (B, 1, H, W); got shape {tuple(mask.shape)}")
+        raise InvalidParameter(f"mask must be (H, W), (H, W, C), (1, H, W) or (B, 1, H, W); got shape {tuple(mask.shape)}")
     if not torch.isfinite(m).all():
-        raise ValueError("mask contains NaN or infinite values")
+        raise InvalidParameter("mask contains NaN or infinite values")
     if m.shape[-1] < 2 or m.shape[-2] < 2:
-        raise ValueError(f"mask is too small ({m.shape[-2]}x{m.shape[-1]} pixels)")
+        raise InvalidParameter(f"mask is too small ({m.shape[-2]}x{m.shape[-1]} pixels)")
     return (m >= 0.5).float()
 
 
 def dilate(mask: torch.Tensor, dilate_px: float) -> torch.Tensor:
     """Grow the mask by `dilate_px` pixels in every direction (a disk). The official code blurs and
     thresholds at 0.1 instead, which grows large objects by about as much (≈ 1.28σ) but can shrink or
-    erase thin ones; a disk never loses an object pixel."""
-    r = int(math.floor(dilate_px))
+    erase thin ones; a disk never loses an object pixel.
+
+    The disk is the union of its rows: row dy of the disk is a horizontal run of half-width
+    w(dy) = ⌊√(r² − dy²)⌋, and a horizontal run is a window sum of prefix sums, so the cost is O(r·H·W), not
+    the O(r²·H·W) of a 2-D convolution; r beyond the image diagonal changes nothing and is clipped."""
+    h, w = mask.shape[-2:]
+    radius = min(float(dilate_px), math.hypot(h, w) + 1.0)
+    r = int(math.floor(radius))
     if r <= 0:
         return mask
-    y, x = torch.meshgrid(torch.arange(-r, r + 1), torch.arange(-r, r + 1), indexing="ij")
-    disk = ((x * x + y * y) <= dilate_px * dilate_px).float()[None, None]
-    grown = F.conv2d(F.pad(mask, (r, r, r, r)), disk) > 0.5
-    return grown.float()
+    if radius >= math.hypot(h - 1, w - 1):  # the disk reaches every pixel from any object pixel
+        return (mask > 0.5).flatten(1).any(1).view(-1, 1, 1, 1).expand(mask.shape).float()
+    rows = F.pad((mask > 0.5).float(), (1, 0)).cumsum(-1)  # [B, 1, H, W + 1] prefix sums along each row
+    cols = torch.arange(w, device=mask.device)
+    out = torch.zeros(mask.shape, dtype=torch.bool, device=mask.device)
+    r2 = radius * radius
+    for dy in range(-min(r, h - 1), min(r, h - 1) + 1):
+        half = math.isqrt(int(r2 - dy * dy))
+        while (half + 1) ** 2 + dy * dy <= r2:
+            half += 1
+        while half > 0 and half * half + dy * dy > r2:
+            half -= 1
+        hi = (cols + half + 1).clamp(max=w)
+        lo = (cols - half).clamp(min=0)
+        run = (rows[..., hi] - rows[..., lo]) > 0  # any object pixel within `half` columns
+        # output row y takes the run of input row y + dy
+        if dy >= 0:
+            out[..., : h - dy, :] |= run[..., dy:, :]
+        else:
+            out[..., -dy:, :] |= run[..., : h + dy, :]
+    return out.float()
 
 
 def token_mask(mask: torch.Tensor, grid: tuple[int, int, int]) -> torch.Tensor:
@@ -88,6 +115,23 @@ def token_mask(mask: torch.Tensor, grid: tuple[int, int, int]) -> torch.Tensor:
     t, h, w = grid
     pooled = F.adaptive_max_pool2d(mask, (h, w)) > 0.5  # [B, 1, h, w]
     return pooled.flatten(1).repeat(1, t)
+
+
+def layer_set(name: str, layers) -> HeadSet:
+    """Layers as a HeadSet (every head): head-set text ("L34-69", "u0-8"), a HeadSet, or layer numbers."""
+    if isinstance(layers, HeadSet):
+        chosen = layers
+    elif isinstance(layers, str):
+        chosen = HeadSet.of(layers)
+    elif isinstance(layers, (list, tuple, set, frozenset, range)):
+        chosen = HeadSet.of({integer(f"{name} entry", x, 0): "*" for x in layers})
+    else:
+        raise ParameterTypeError(f"{name} must be head-set text such as 'L34-69' / 'u0-8', or a list of layer "
+                                 f"numbers; got {layers!r} ({type(layers).__name__})")
+    if not chosen:
+        raise InvalidParameter(f"{name} is empty ({layers!r}): name at least one layer, or pass None for the "
+                               "default layers")
+    return chosen
 
 
 # --- the effect -------------------------------------------------------------------------------------
@@ -112,15 +156,14 @@ class AttentiveEraser(Effect):
 
     def __init__(self, mask, ss_scale: float = 0.3, ss_steps: int = 9, start_step: int = 0, layers=None,
                  dilate_px: float = 0.0, mask_text_queries: bool = True, kernel: str = "gather"):
-        self.mask = dilate(as_mask_tensor(mask), float(dilate_px))
-        self.ss_scale = float(ss_scale)
-        self.ss_steps = int(ss_steps)
-        self.start_step = int(start_step)
-        self.layers = None if layers is None else (layers if isinstance(layers, HeadSet) else HeadSet.of(
-            layers if isinstance(layers, str) else {int(x): "*" for x in layers}))
-        self.dilate_px = float(dilate_px)
-        self.mask_text_queries = bool(mask_text_queries)
-        self.kernel = kernel
+        self.ss_scale = number("ss_scale", ss_scale, 0.0, 1.0, low_open=True)
+        self.ss_steps = integer("ss_steps", ss_steps, -1, MAX_STEPS)
+        self.start_step = integer("start_step", start_step, 0, MAX_STEPS)
+        self.layers = None if layers is None else layer_set("layers", layers)
+        self.dilate_px = number("dilate_px", dilate_px, 0.0, MAX_DILATE_PX)
+        self.mask_text_queries = boolean("mask_text_queries", mask_text_queries)
+        self.kernel = choice("kernel", kernel, KERNELS)
+        self.mask = dilate(as_mask_tensor(mask), self.dilate_px)
         self._layers: Optional[frozenset] = None
         self._plans: dict = {}  # (grid, device) -> _Plan
 
@@ -133,16 +176,12 @@ class AttentiveEraser(Effect):
 
     # --- validation ---------------------------------------------------------------------------------
     def validate(self) -> None:
-        if not (0.0 < self.ss_scale <= 1.0) or math.isnan(self.ss_scale):
-            raise ValueError(f"Attentive Eraser ss_scale must be in (0, 1] (1 = no similarity suppression), got {self.ss_scale}")
-        if self.ss_steps < -1:
-            raise ValueError(f"Attentive Eraser ss_steps must be >= -1 (-1 = never), got {self.ss_steps}")
-        if self.start_step < 0:
-            raise ValueError(f"Attentive Eraser start_step must be >= 0, got {self.start_step}")
-        if self.kernel not in KERNELS:
-            raise ValueError(f"Attentive Eraser kernel must be one of {KERNELS}, got {self.kernel!r}")
-        if self.dilate_px < 0 or not math.isfinite(self.dilate_px):
-            raise ValueError(f"Attentive Eraser dilate_px must be >= 0, got {self.dilate_px}")
+        """Every setting is checked as it is set (`__init__`); a changed attribute is checked again here."""
+        number("ss_scale", self.ss_scale, 0.0, 1.0, low_open=True)
+        integer("ss_steps", self.ss_steps, -1, MAX_STEPS)
+        integer("start_step", self.start_step, 0, MAX_STEPS)
+        choice("kernel", self.kernel, KERNELS)
+        number("dilate_px", self.dilate_px, 0.0, MAX_DILATE_PX)
 
     @staticmethod
     def acts_on(site: Site) -> bool:

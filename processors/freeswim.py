@@ -34,12 +34,14 @@ import torch
 from .call import AttentionCall, Site, StepInfo, TokenLayout
 from .effects import Attend, Effect
 from .entropy import EntropyScaling, _size3
+from .params import (InvalidParameter, boolean, choice, int_list, integer, number, pixel_size, real_pair)
 from .tracing import compiling
 from .freeswim_window import (BACKENDS, FlexWindow, WindowSpec, chunked_window_attention, dense_window_attention,
                               half_widths)
 
 FULL = "full"
 MMDIT_OVERRIDES = ("text_stream", "lse", "none")
+MAX_TILE = 4096
 SUPPORTED_FAMILIES = ("wan", "flux", "sd3", "unet", "pixart")
 
 
@@ -94,18 +96,19 @@ class FreeSwim(Effect):
                  backend: str = "auto", tile: Optional[tuple[int, int]] = None, flex_tile=(8, 16),
                  mmdit_override: str = "text_stream", cache_device=None, inward: bool = True,
                  override_layers=None, override_steps: tuple[float, float] = (0.0, 1.0)):
-        self.window_scale = float(window_scale)
-        self.base_size = _size3(base_size)
-        self.cache_steps = int(cache_steps)
-        self.override_uncond = bool(override_uncond)
-        self.backend = backend
-        self.tile = None if tile is None else tuple(int(t) for t in tile)
-        self.flex_tile = tuple(int(t) for t in flex_tile)
-        self.mmdit_override = mmdit_override
+        self.window_scale = number("window_scale", window_scale, 0.0, 16.0, low_open=True)
+        self.base_size = _size3(base_size, "base_size")
+        self.cache_steps = integer("cache_steps", cache_steps, 1, 1000)
+        self.override_uncond = boolean("override_uncond", override_uncond)
+        self.backend = choice("backend", backend, BACKENDS)
+        self.tile = None if tile is None else pixel_size("tile", tile, dims=(2,), high=MAX_TILE)
+        self.flex_tile = pixel_size("flex_tile", flex_tile, dims=(2,), high=MAX_TILE)
+        self.mmdit_override = choice("mmdit_override", mmdit_override, MMDIT_OVERRIDES)
         self.cache_device = cache_device
-        self.inward = bool(inward)
-        self.override_layers = None if override_layers is None else frozenset(int(i) for i in override_layers)
-        self.override_steps = tuple(float(x) for x in override_steps)
+        self.inward = boolean("inward", inward)
+        self.override_layers = None if override_layers is None else frozenset(
+            int_list("override_layers", override_layers, 0))
+        self.override_steps = real_pair("override_steps", override_steps, 0.0, 1.0)
         self.validate()
         self.flex = FlexWindow(self.flex_tile)
         self.cache: dict = {}  # (site name, row key) -> override tensor [H, N, D]
@@ -125,22 +128,21 @@ class FreeSwim(Effect):
 
     # --- validation -------------------------------------------------------------------------------------
     def validate(self) -> None:
-        if not (0.0 < self.window_scale <= 16.0) or math.isnan(self.window_scale):
-            raise ValueError(f"FreeSwim window_scale must be in (0, 16]; got {self.window_scale}")
-        if not (1 <= self.cache_steps <= 1000):
-            raise ValueError(f"FreeSwim cache_steps must be an integer in [1, 1000] (1 = recompute every step); "
-                             f"got {self.cache_steps}")
-        if self.backend not in BACKENDS:
-            raise ValueError(f"FreeSwim backend must be one of {BACKENDS}; got {self.backend!r}")
-        if self.mmdit_override not in MMDIT_OVERRIDES:
-            raise ValueError(f"FreeSwim mmdit_override must be one of {MMDIT_OVERRIDES}; got {self.mmdit_override!r}")
-        start, end = self.override_steps if len(self.override_steps) == 2 else (-1.0, -1.0)
-        if not (0.0 <= start <= end <= 1.0):
-            raise ValueError(f"FreeSwim override_steps must be (start, end) with 0 <= start <= end <= 1; "
-                             f"got {self.override_steps}")
-        for t in (self.tile or ()) + self.flex_tile:
-            if t < 1:
-                raise ValueError(f"FreeSwim tiles must be positive; got tile={self.tile}, flex_tile={self.flex_tile}")
+        """Every setting is checked as it is set (`__init__`); a changed attribute is checked again here."""
+        number("window_scale", self.window_scale, 0.0, 16.0, low_open=True)
+        integer("cache_steps", self.cache_steps, 1, 1000)
+        choice("backend", self.backend, BACKENDS)
+        choice("mmdit_override", self.mmdit_override, MMDIT_OVERRIDES)
+        real_pair("override_steps", self.override_steps, 0.0, 1.0)
+
+    def check_sites(self, sites) -> None:
+        if self.override_layers is None:
+            return
+        layers = {s.layer for s, _ in sites}
+        missing = sorted(self.override_layers - layers)
+        if missing:
+            raise InvalidParameter(f"override_layers {missing} are not layers of this model (it has layers "
+                                   f"{min(layers)}–{max(layers)}; see docs/addressing.md)")
 
     def check_model(self, family: str, token_scale) -> None:
         if family not in SUPPORTED_FAMILIES:
@@ -482,6 +484,7 @@ class FreeSwimLogitScale(EntropyScaling):
 
 def freeswim_effects(logit_scale: float = 1.0, **options) -> list:
     """[FreeSwimLogitScale (when logit_scale > 0), FreeSwim(**options)]: what the hosts install."""
+    logit_scale = number("logit_scale", logit_scale, 0.0, 4.0)
     swim = FreeSwim(**options)
     effects = [swim]
     if logit_scale:
@@ -491,6 +494,7 @@ def freeswim_effects(logit_scale: float = 1.0, **options) -> list:
 
 def check_target_size(height: int, width: int, multiple: int, name: str = "target size") -> None:
     """Raise ValueError unless height and width are positive multiples of `multiple` pixels."""
+    height, width = pixel_size(name, (height, width), dims=(2,))
     if height <= 0 or width <= 0 or height % multiple or width % multiple:
         raise ValueError(f"FreeSwim {name} {height}×{width} must be positive multiples of {multiple} pixels "
                          "(the model's VAE factor × patch size)")

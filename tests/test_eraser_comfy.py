@@ -223,10 +223,10 @@ class NoClone:
     (dict(layers="L99"), r"layers 'L99': layer 99 is out of range"),
     (dict(layers="u9"), r"layers 'u9': .*block index 9 is out of range"),
     (dict(layers="blocks"), r"layers 'blocks': .*cannot read"),
-    (dict(scale=-1.0), r"scale must be in \[0.0, 100.0\]"),
-    (dict(ss_scale=0.0), r"ss_scale must be in \[0.01, 1.0\]"),
-    (dict(ss_steps=-2), r"ss_steps must be in \[-1, 10000\]"),
-    (dict(dilate_px=-1.0), r"dilate_px must be in \[0.0, 256.0\]"),
+    (dict(scale=-1.0), r"scale must be .*in \[0, 100\]"),
+    (dict(ss_scale=0.0), r"ss_scale must be .*in \[0.01, 1\]"),
+    (dict(ss_steps=-2), r"ss_steps must be .*in \[-1, 10000\]"),
+    (dict(dilate_px=-1.0), r"dilate_px must be .*in \[0, 256\]"),
     (dict(layers=7), "layers must be text"),
 ])
 def test_bad_inputs_raise_before_anything_is_patched(values, match):

@@ -163,13 +163,20 @@ def test_sarg_runs_one_extra_forward_per_step_and_changes_only_the_mask(sd15):
     assert not torch.equal(one, plain) and not torch.equal(one, out)
 
 
-def test_full_cover_mask_triggers_skip_guard(sd15):
-    """A mask covering every token: AAS skips every layer, so the redirected pass equals the plain one."""
-    image = _image()
+def test_full_cover_mask_is_refused_before_any_forward(sd15):
+    """A mask covering the whole image leaves no background to redirect to (AAS would skip every layer and the
+    extra pass would equal the plain one): refused up front, no denoiser forward."""
+    from attnlab.processors.params import InvalidParameter
+
     e = AttentiveEraserPipeline.from_pipe(sd15, sarg_scale=9.0)
-    out = _run(e, image, torch.ones(S, S))
-    assert e.extra_passes == int(STEPS * STRENGTH)
-    assert torch.equal(out, _plain_sip(e, image, e.last_mask))
+    forwards = []
+    handle = sd15.unet.register_forward_hook(lambda *a: forwards.append(1))
+    try:
+        with pytest.raises(InvalidParameter, match="covers the whole image"):
+            _run(e, _image(), torch.ones(S, S))
+    finally:
+        handle.remove()
+    assert forwards == []
 
 
 # --- what AAS does inside the redirected pass ---------------------------------------------------------

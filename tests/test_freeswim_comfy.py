@@ -128,7 +128,7 @@ def test_bad_input_raises_before_patching(backend, cache):
         node(model, base_height=512, base_width=0)
     with pytest.raises(ValueError, match="multiple of the flux model's patch"):
         node(model, base_height=1000, base_width=1024)
-    with pytest.raises(ValueError, match=r"window_scale must be in \[0.05, 16.0\]"):
+    with pytest.raises(ValueError, match=r"window_scale must be .*in \[0.05, 16\]"):
         node(model, window_scale=0.0)
     with pytest.raises(ValueError, match="mmdit_override must be one of"):
         node(model, mmdit_override="b")

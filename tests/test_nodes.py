@@ -23,8 +23,8 @@ def test_specs_are_well_formed():
 
 @pytest.mark.parametrize("values,match", [
     (dict(token_count="pixels"), "token_count must be one of"),
-    (dict(strength=5.0), r"strength must be in \[0.0, 4.0\]"),
-    (dict(strength="1"), "strength must be a number"),
+    (dict(strength=5.0), r"strength must be .*in \[0, 4\]"),
+    (dict(strength="1"), "strength must be a finite number"),
     (dict(train_height=512), "set both"),
     (dict(train_height=1.5, train_width=512), "integer"),
 ])
@@ -91,14 +91,14 @@ def test_v3_generator_builds_schema_from_spec(monkeypatch):
 
 
 @pytest.mark.parametrize("values,match", [
-    (dict(scale=101.0), r"scale must be in \[0.0, 100.0\]"),
-    (dict(u=-0.1), r"u must be in \[0.0, 1.0\]"),
+    (dict(scale=101.0), r"scale must be .*in \[0, 100\]"),
+    (dict(u=-0.1), r"u must be .*in \[0, 1\]"),
     (dict(heads=3), "heads must be text"),
     (dict(preset="sd3-best"), "preset must be one of"),
     (dict(target="max"), "target must be one of"),
     (dict(joint="text"), "joint must be one of"),
-    (dict(sigma_start=-2.0), r"sigma_start must be in \[-1.0, 10000.0\]"),
-    (dict(adaptive_scale=2.0), r"adaptive_scale must be in \[0.0, 1.0\]"),
+    (dict(sigma_start=-2.0), r"sigma_start must be .*in \[-1, 10000\]"),
+    (dict(adaptive_scale=2.0), r"adaptive_scale must be .*in \[0, 1\]"),
     (dict(heads="L1:Hx"), "SoftPAG heads 'L1:Hx': head set entry 'L1:Hx': cannot read head 'Hx'"),
     (dict(sigma_start=1.0, sigma_end=2.0), "sigma_end .* must be <= sigma_start"),
 ])
@@ -159,8 +159,8 @@ def test_v3_generator_builds_the_attentive_eraser_schema(monkeypatch):
 
 
 @pytest.mark.parametrize("values,match", [
-    (dict(scale=101.0), r"scale must be in \[0.0, 100.0\]"),
-    (dict(ss_scale=1.5), r"ss_scale must be in \[0.01, 1.0\]"),
+    (dict(scale=101.0), r"scale must be .*in \[0, 100\]"),
+    (dict(ss_scale=1.5), r"ss_scale must be .*in \[0.01, 1\]"),
     (dict(ss_steps=2.5), "ss_steps must be an integer"),
     (dict(layers=None), "layers must be text"),
     (dict(mask="mask.png"), "must be a ComfyUI MASK tensor"),

@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from ..call import Site
+from ..native import wan_native_size
 
 # model_config class names (supported_models, matched along the MRO) -> family
 CONFIG_FAMILIES = {
@@ -25,7 +26,7 @@ SUPPORTED = ("unet", "sd3", "flux", "wan")
 NATIVE_SIZE = {  # (frames, height, width) pixels, by model_config class name, then by family
     "SD15": (1, 512, 512), "SD20": (1, 768, 768), "SDXL": (1, 1024, 1024), "SSD1B": (1, 1024, 1024),
     "unet": (1, 512, 512), "sd3": (1, 1024, 1024), "flux": (1, 1024, 1024), "wan": (81, 480, 832),
-}
+}  # Wan: by the model's width when it has one (`native.wan_native_size`: 14B 720×1280)
 
 
 class UnsupportedComfyModel(ValueError):
@@ -87,7 +88,12 @@ def plan_for(base_model, native_size=None) -> ModelPlan:
     dm = base_model.diffusion_model
     latent_format = getattr(base_model, "latent_format", None)
     spatial = 16 if "Wan22" in _mro_names(latent_format) else 8
-    native = tuple(native_size) if native_size is not None else NATIVE_SIZE.get(config_name, NATIVE_SIZE[family])
+    if native_size is not None:
+        native = tuple(native_size)
+    elif family == "wan" and getattr(dm, "dim", None) is not None:
+        native = wan_native_size(dm.dim)
+    else:
+        native = NATIVE_SIZE.get(config_name, NATIVE_SIZE[family])
     if len(native) == 2:
         native = (1,) + tuple(native)
     if family == "unet":
