@@ -5,10 +5,10 @@
 
 from __future__ import annotations
 
-import argparse
 import functools
 import os
 
+from .. import arguments as arg
 from . import runs
 
 TITLE = "attnlab — training-free attention methods"
@@ -208,10 +208,10 @@ def build_app(store: runs.ModelStore | None = None):
 def main(argv=None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
-    ap = argparse.ArgumentParser(prog="attnlab demo", description="The attnlab Gradio demo (one tab per method).")
-    ap.add_argument("--host", default="127.0.0.1", help="address to listen on (default: %(default)s)")
-    ap.add_argument("--port", type=int, default=7860, help="port (default: %(default)s)")
-    ap.add_argument("--device", default="cpu", help="torch device for the models (default: %(default)s)")
+    ap = arg.OneLineParser(prog="attnlab demo", description="The attnlab Gradio demo (one tab per method).")
+    ap.add_argument("--host", type=arg.non_empty, default="127.0.0.1", help="address to listen on (default: %(default)s)")
+    ap.add_argument("--port", type=arg.int_in(1, 65535), default=7860, help="port (default: %(default)s)")
+    ap.add_argument("--device", type=arg.device, default="cpu", help="torch device for the models (default: %(default)s)")
     ap.add_argument("--share", action="store_true", help="also make a public gradio.live link (needs internet)")
     args = ap.parse_args(argv)
     try:

@@ -17,8 +17,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from ..cli import _tiny_extras, default_heads, load_pipeline
-from ..processors.host_diffusers import denoisers_of, geometry_of
+from ..images import frames_of
+from ..loading import LoadedModel, load_model
 
 Progress = Callable[[float, str], None]
 
@@ -40,10 +40,20 @@ def embedded_models() -> list[str]:
 
 @dataclass
 class Loaded:
-    pipe: object
-    family: str
-    native: tuple[int, int]
+    model: LoadedModel
     lock: threading.Lock
+
+    @property
+    def pipe(self):
+        return self.model.pipe
+
+    @property
+    def family(self) -> str:
+        return self.model.family
+
+    @property
+    def native(self) -> tuple[int, int]:
+        return self.model.size
 
 
 class ModelStore:
@@ -60,17 +70,8 @@ class ModelStore:
             raise ValueError("choose a model: an embedded one, a local diffusers folder or a hub id")
         with self._lock:
             if name not in self._models:
-                pipe = load_pipeline(name, self.device)
-                geometry = geometry_of(denoisers_of(pipe)[0], pipe)
-                self._models[name] = Loaded(pipe, geometry.family, (geometry.native_size[1], geometry.native_size[2]),
-                                            threading.Lock())
+                self._models[name] = Loaded(load_model(name, self.device), threading.Lock())
             return self._models[name]
-
-
-def _frames(output) -> list[Image.Image]:
-    from ..cli import _frames as frames
-
-    return frames(output)
 
 
 def _steps_callback(progress: Optional[Progress], steps: int, start: float, span: float, what: str, pipe=None) -> dict:
@@ -89,14 +90,14 @@ def _steps_callback(progress: Optional[Progress], steps: int, start: float, span
     return {}
 
 
-def _call(model: str, loaded: Loaded, prompt: str, height: int, width: int, steps: int, guidance: float) -> dict:
+def _call(loaded: Loaded, prompt: str, height: int, width: int, steps: int, guidance: float) -> dict:
     if not prompt.strip():
         raise ValueError("the prompt is empty")
     call = dict(prompt=prompt, height=int(height), width=int(width), num_inference_steps=int(steps),
                 guidance_scale=float(guidance))
-    if loaded.family == "wan":
-        call["num_frames"] = 5
-    call.update(_tiny_extras(model))
+    if loaded.model.frames is not None:
+        call["num_frames"] = loaded.model.frames
+    call.update(loaded.model.call_kwargs)
     return call
 
 
@@ -126,17 +127,17 @@ def run_entropy(store: ModelStore, model: str, prompt: str, resolution: float, s
     if not 0.25 <= float(resolution) <= 4.0:
         raise ValueError(f"resolution must be between 0.25× and 4× the native size; got {resolution}")
     loaded = store.get(model)
-    mult = 16
+    mult = loaded.model.size_multiple
     h = max(mult, round(loaded.native[0] * float(resolution) / mult) * mult)
     w = max(mult, round(loaded.native[1] * float(resolution) / mult) * mult)
-    call = _call(model, loaded, prompt, h, w, steps, 5.0 if loaded.family != "flux" else 3.5)
+    call = _call(loaded, prompt, h, w, steps, 5.0 if loaded.family != "flux" else 3.5)
     with loaded.lock, torch.no_grad():
         t0 = time.perf_counter()
-        off = _mid(_frames(loaded.pipe(**call, generator=_gen(seed),
+        off = _mid(frames_of(loaded.pipe(**call, generator=_gen(seed),
                                        **_steps_callback(progress, steps, 0.0, 0.5, "stock", loaded.pipe))))
         t1 = time.perf_counter()
-        with entropy_scaling(loaded.pipe, strength=float(strength)) as session:
-            on = _mid(_frames(loaded.pipe(**call, generator=_gen(seed),
+        with entropy_scaling(loaded.pipe, strength=float(strength), train_size=loaded.model.native_size) as session:
+            on = _mid(frames_of(loaded.pipe(**call, generator=_gen(seed),
                                           **_steps_callback(progress, steps, 0.5, 0.5, "scaled", loaded.pipe))))
             lam = session.effects[0].last_lambda
         t2 = time.perf_counter()
@@ -154,7 +155,7 @@ def softpag_choices(store: ModelStore, model: str) -> list[str]:
     from ..processors.presets import list_presets
 
     loaded = store.get(model)
-    out = [default_heads(loaded.pipe)]
+    out = [loaded.model.default_heads]
     out += [f"preset:{p}" for p in list_presets()]
     return out
 
@@ -165,17 +166,17 @@ def run_softpag(store: ModelStore, model: str, prompt: str, heads: str, scale: f
 
     steps = _check_steps(steps)
     loaded = store.get(model)
-    heads = (heads or "").strip() or default_heads(loaded.pipe)
+    heads = (heads or "").strip() or loaded.model.default_heads
     preset = heads[len("preset:"):] if heads.startswith("preset:") else None
     pag = SoftPAGPipeline.from_pipe(loaded.pipe, heads=None if preset else heads, preset=preset, scale=float(scale),
                                     u=float(u))
-    call = _call(model, loaded, prompt, *loaded.native, steps, 5.0 if loaded.family != "flux" else 3.5)
+    call = _call(loaded, prompt, *loaded.native, steps, 5.0 if loaded.family != "flux" else 3.5)
     with loaded.lock, torch.no_grad():
         t0 = time.perf_counter()
-        off = _mid(_frames(loaded.pipe(**call, generator=_gen(seed),
+        off = _mid(frames_of(loaded.pipe(**call, generator=_gen(seed),
                                        **_steps_callback(progress, steps, 0.0, 0.5, "stock", loaded.pipe))))
         t1 = time.perf_counter()
-        on = _mid(_frames(pag(**call, generator=_gen(seed),
+        on = _mid(frames_of(pag(**call, generator=_gen(seed),
                               **_steps_callback(progress, steps, 0.5, 0.5, "SoftPAG", loaded.pipe))))
         t2 = time.perf_counter()
     info = (f"heads {pag.effect.resolved_heads}, w = {pag.schedule.scale:g}, u = {pag.effect.u:g}; "
@@ -206,7 +207,7 @@ def run_refam(store: ModelStore, model: str, image, expression: str, noise: floa
     seg = RefAMPipeline.from_pipe(loaded.pipe, sigmas=(float(noise),), gas_mode=gas_mode)
     if progress is not None:
         progress(0.1, "encoding")
-    extras = {k: v for k, v in _tiny_extras(model).items() if k == "max_sequence_length"}
+    extras = loaded.model.text_lengths()
     with loaded.lock, torch.no_grad():
         out = seg(image, expression, resize=True, **extras)
     heat = Image.fromarray(colorize(out.heatmap))
@@ -247,7 +248,7 @@ def run_eraser(store: ModelStore, model: str, editor, scale: float, steps: int, 
     h, w = loaded.native
     image, mask = image.resize((w, h)), mask.resize((w, h), Image.NEAREST)
     mode = default_mode(loaded.pipe)  # SIP needs a 4-channel UNet (diffusers' inpaint pipeline); the toy models: DIP
-    erase = dict(prompt="", num_inference_steps=steps, strength=0.8 if mode == "sip" else None, **_tiny_extras(model))
+    erase = dict(prompt="", num_inference_steps=steps, strength=0.8 if mode == "sip" else None, **loaded.model.call_kwargs)
     with loaded.lock, torch.no_grad():
         t0 = time.perf_counter()
         eraser = AttentiveEraserPipeline.from_pipe(loaded.pipe, sarg_scale=float(scale), mode=mode)
@@ -282,14 +283,14 @@ def run_alignedgen(store: ModelStore, model: str, prompts: str, steps: int, seed
     items = _prompt_list(prompts)
     loaded = store.get(model)
     aligned = AlignedGenPipeline.from_pipe(loaded.pipe)
-    call = _call(model, loaded, items[0], *loaded.native, steps, 5.0 if loaded.family != "flux" else 3.5)
+    call = _call(loaded, items[0], *loaded.native, steps, 5.0 if loaded.family != "flux" else 3.5)
     call["prompt"] = items
     with loaded.lock, torch.no_grad():
         t0 = time.perf_counter()
-        plain = _frames(loaded.pipe(**call, generator=_gen(seed),
+        plain = frames_of(loaded.pipe(**call, generator=_gen(seed),
                                     **_steps_callback(progress, steps, 0.0, 0.5, "plain batch", loaded.pipe)))
         t1 = time.perf_counter()
-        shared = _frames(aligned(**call, generator=_gen(seed),
+        shared = frames_of(aligned(**call, generator=_gen(seed),
                                  **_steps_callback(progress, steps, 0.5, 0.5, "aligned batch", loaded.pipe)))
         t2 = time.perf_counter()
     info = f"{len(items)} prompts; plain batch {t1 - t0:.2f} s, aligned batch {t2 - t1:.2f} s ({(t2 - t1) / max(t1 - t0, 1e-9):.2f}×)"
@@ -310,15 +311,15 @@ def run_freeswim(store: ModelStore, model: str, prompt: str, scale: float, steps
     swim = FreeSwimPipeline.from_pipe(loaded.pipe)  # raises for pipelines it cannot drive
     mult = swim.multiple
     h, w = (max(mult, round(s * float(scale) / mult) * mult) for s in loaded.native)
-    call = _call(model, loaded, prompt, h, w, steps, 5.0 if loaded.family != "flux" else 3.5)
+    call = _call(loaded, prompt, h, w, steps, 5.0 if loaded.family != "flux" else 3.5)
     with loaded.lock, torch.no_grad():
         t0 = time.perf_counter()
-        direct = _mid(_frames(loaded.pipe(**call, generator=_gen(seed),
+        direct = _mid(frames_of(loaded.pipe(**call, generator=_gen(seed),
                                           **_steps_callback(progress, steps, 0.0, 0.5, "direct", loaded.pipe))))
         t1 = time.perf_counter()
         kw = {k: v for k, v in call.items() if k not in ("height", "width", "num_inference_steps")}
         out = swim(height=h, width=w, num_inference_steps=steps, generator=_gen(seed), **kw)
-        swum = _mid(_frames(out))
+        swum = _mid(frames_of(out))
         t2 = time.perf_counter()
         if progress is not None:
             progress(1.0, "FreeSwim done")

@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from attnlab.cli import build_parser, centred_mask, main
+from attnlab.cli import build_parser, main
+from attnlab.images import centred_mask
 
 SP_KEYS = {"method", "model", "family", "native_size", "call", "seed", "heads", "heads_given", "preset", "effect",
            "extra_passes", "seconds", "files"}
@@ -109,9 +110,9 @@ def test_eraser_cli_given_image_and_mask(tmp_path, capsys):
 
 
 @pytest.mark.parametrize("extra, message", [
-    (["--image", "/no/such.png"], "--image /no/such.png: no such file"),
-    (["--strength", "0"], "--strength must be in (0, 1]"),
-    (["--scale", "-1"], "--scale must be a finite number >= 0"),
+    (["--image", "/no/such.png"], "argument --image: no such file: '/no/such.png'"),
+    (["--strength", "0"], "argument --strength: must be a finite number in (0, 1]; got 0"),
+    (["--scale", "-1"], "argument --scale: must be a finite number in [0, 50]; got -1"),
     (["--model", "tiny-nope"], "unknown tiny model"),
     (["--model", "tiny-flux", "--mode", "dip"], "UNet pipelines"),
 ])
@@ -180,7 +181,7 @@ def test_refam_cli_toy_scene_and_given_image(tmp_path, capsys):
     assert report["layers"] == [1, 2] and report["prompt"] == "the grey square" and report["seconds"]["forwards"] == 2
     assert Image.open(out / "mask.png").size == (64, 61)
     assert _code(["refam", "--expression", " ", "--out", str(out)]) == 2
-    assert "expression is empty" in capsys.readouterr().err
+    assert "argument --expression: must not be empty" in capsys.readouterr().err
     assert _code(["refam", "--noise", "x", "--out", str(out)]) == 2
 
 

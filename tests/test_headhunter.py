@@ -341,15 +341,15 @@ def test_cli_end_to_end_writes_a_loadable_preset(tmp_path, capsys):
 
 
 @pytest.mark.parametrize("extra, message", [
-    (["--objective", "nonsense"], "unknown objective 'nonsense'"),
+    (["--objective", "nonsense"], "--objective: unknown objective 'nonsense'"),
     (["--prompts", ""], "--prompts: empty prompt"),
     (["--prompts", "EMPTYFILE"], "the file has no prompts"),
-    (["--top-k", "0"], "--top-k must be >= 1"),
-    (["--rounds", "0"], "--rounds must be >= 1"),
-    (["--scale", "0"], "scale (w) must be > 0"),
+    (["--top-k", "0"], "argument --top-k: must be an integer in [1, 10000]; got 0"),
+    (["--rounds", "0"], "argument --rounds: must be an integer in [1, 10000]; got 0"),
+    (["--scale", "0"], "argument --scale: must be a finite number in (0, 100]; got 0"),
     (["--layers", "9"], "layers: 9 is out of range"),
     (["--seeds", "x"], "expected integers"),
-    (["--threads", "0"], "--threads must be >= 1"),
+    (["--threads", "0"], "argument --threads: must be an integer in [1, 1024]; got 0"),
     (["--model", "tiny:nope"], "unknown tiny model; choose one of tiny:sd15"),
 ])
 def test_cli_bad_inputs(tmp_path, capsys, extra, message):

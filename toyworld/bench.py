@@ -32,6 +32,9 @@ import numpy as np
 import torch
 from PIL import Image
 
+from .. import arguments as arg
+from ..loading import LoadedModel, load_model
+from ..user_errors import run_reporting_user_errors
 from .parser import adherence, parse
 from .scenes import BACKGROUND_COLOURS, OBJECT_COLOURS, caption, ground_truth, render, sample_scene
 
@@ -43,15 +46,27 @@ REQUIRES = {"entropy": "pipelines.entropy", "softpag": "pipelines.softpag", "ref
 
 @dataclasses.dataclass
 class Bench:
-    pipe: object
-    model: str
-    family: str
-    native: tuple[int, int]
+    model: LoadedModel
     n: int
     steps: int
     seed: int
-    call_extras: dict
     progress: Optional[Callable[[str], None]] = None
+
+    @property
+    def pipe(self):
+        return self.model.pipe
+
+    @property
+    def family(self) -> str:
+        return self.model.family
+
+    @property
+    def native(self) -> tuple[int, int]:
+        return self.model.size
+
+    @property
+    def call_extras(self) -> dict:
+        return self.model.call_kwargs
 
     def scenes(self, n_objects=None):
         return [sample_scene(HELD_OUT + self.seed + i, n_objects=n_objects) for i in range(self.n)]
@@ -115,11 +130,10 @@ def bench_entropy(b: Bench) -> list[dict]:
 
 
 def bench_softpag(b: Bench) -> list[dict]:
-    from ..cli import default_heads
     from ..pipelines.headhunter import sharpness
     from ..pipelines.softpag import SoftPAGPipeline
 
-    pag = SoftPAGPipeline.from_pipe(b.pipe, heads=default_heads(b.pipe), scale=3.0)
+    pag = SoftPAGPipeline.from_pipe(b.pipe, heads=b.model.default_heads, scale=3.0)
     scenes = b.scenes()
     off, on = [], []
     for i, scene in enumerate(scenes):
@@ -140,7 +154,7 @@ def bench_refam(b: Bench) -> list[dict]:
     if b.family == "wan":
         return []
     seg = RefAMPipeline.from_pipe(b.pipe)
-    extras = {k: v for k, v in b.call_extras.items() if k == "max_sequence_length"}
+    extras = b.model.text_lengths()
     variants = {"off": {"filter_stopwords": False, "magnets": (), "gas_mass": 1.0}, "on": {}}
     rows = {r["variant"]: r for r in evaluate(seg, scenes=b.n, size=b.native[0], seed=HELD_OUT + b.seed,
                                               variants=variants, **extras)}
@@ -263,15 +277,11 @@ def available(method: str) -> Optional[str]:
     return None
 
 
-def run(model: str, methods=METHODS, n: int = 20, steps: int = 20, seed: int = 0, device: str = "cpu",
+def run(model, methods=METHODS, n: int = 20, steps: int = 20, seed: int = 0, device: str = "cpu",
         progress=None) -> list[dict]:
-    from ..cli import _tiny_extras, load_pipeline
-    from ..processors.host_diffusers import denoisers_of, geometry_of
-
-    pipe = load_pipeline(model, device)
-    geometry = geometry_of(denoisers_of(pipe)[0], pipe)
-    b = Bench(pipe, model, geometry.family, (geometry.native_size[1], geometry.native_size[2]), int(n), int(steps),
-              int(seed), _tiny_extras(model), progress)
+    """The rows of `methods` on `model` (a name, or a `loading.LoadedModel`)."""
+    model = model if isinstance(model, LoadedModel) else load_model(model, device)
+    b = Bench(model, int(n), int(steps), int(seed), progress)
     rows = []
     for method in methods:
         why = available(method)
@@ -297,25 +307,35 @@ def markdown(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="attnlab bench", description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", default=None, help="a toy/tiny model name or a local diffusers folder (default: the "
-                                                   "trained toy SD model when installed, else tiny-sd15)")
-    ap.add_argument("--methods", default=",".join(METHODS), help="comma-separated (default: all)")
-    ap.add_argument("--n", type=int, default=20, help="held-out scenes per method (default: %(default)s)")
-    ap.add_argument("--steps", type=int, default=20, help="sampling steps (default: %(default)s)")
-    ap.add_argument("--seed", type=int, default=0, help="offset into the held-out scene seeds (default: %(default)s)")
-    ap.add_argument("--device", default="cpu")
-    ap.add_argument("--out", default=None, help="also write the rows as JSON and the table as Markdown here")
-    args = ap.parse_args(argv)
-    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+def _method_list(text: str) -> list[str]:
+    methods = [m.strip() for m in text.split(",") if m.strip()]
     unknown = [m for m in methods if m not in METHODS]
-    if unknown or args.n < 1 or args.steps < 1:
-        print(f"attnlab bench: methods must be among {', '.join(METHODS)}; --n and --steps >= 1", file=sys.stderr)
-        return 2
+    if unknown or not methods:
+        raise argparse.ArgumentTypeError(f"choose among {', '.join(METHODS)} (comma-separated); got {text!r}")
+    return methods
+
+
+def main(argv=None) -> int:
+    ap = arg.OneLineParser(prog="attnlab bench", description=__doc__,
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", type=arg.model_name, default=None,
+                    help="a toy/tiny model name or a local diffusers folder (default: the trained toy SD model when "
+                         "installed, else tiny-sd15)")
+    ap.add_argument("--methods", type=_method_list, default=",".join(METHODS), help="comma-separated (default: all)")
+    ap.add_argument("--n", type=arg.int_in(1, 10_000), default=20, help="held-out scenes per method (default: %(default)s)")
+    ap.add_argument("--steps", type=arg.steps, default=20, help="sampling steps (default: %(default)s)")
+    ap.add_argument("--seed", type=arg.int_in(0, 2**31 - 1), default=0,
+                    help="offset into the held-out scene seeds (default: %(default)s)")
+    ap.add_argument("--device", type=arg.device, default="cpu", help="torch device (default: %(default)s)")
+    ap.add_argument("--out", type=arg.output_folder, default=None,
+                    help="also write the rows as JSON and the table as Markdown here")
+    args = ap.parse_args(argv)
+    return run_reporting_user_errors("attnlab bench", lambda: _bench(args))
+
+
+def _bench(args) -> int:
     model = args.model or _default_model()
-    rows = run(model, methods, args.n, args.steps, args.seed, args.device,
+    rows = run(model, args.methods, args.n, args.steps, args.seed, args.device,
                progress=lambda t: print(f"\r  {t:60s}", end="", file=sys.stderr, flush=True))
     print(file=sys.stderr)
     table = markdown(rows)
@@ -325,7 +345,7 @@ def main(argv=None) -> int:
 
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)
-        (out / "bench.json").write_text(json.dumps({"model": model, "n": args.n, "steps": args.steps, "rows": rows},
+        (out / "bench.json").write_text(json.dumps({"model": str(model), "n": args.n, "steps": args.steps, "rows": rows},
                                                    indent=2))
         (out / "bench.md").write_text(table + "\n")
     return 0

@@ -27,7 +27,7 @@ _CALL_DEFAULTS = {
 }
 
 __all__ = ["TOY_MODELS", "TOY_ROOT", "available_toy_models", "load_toy_pipeline", "toy_call_kwargs",
-           "toy_image_size", "toy_model_dir", "toy_name"]
+           "toy_image_size", "toy_model_dir"]
 
 
 def _canonical(name: str) -> str:
@@ -35,14 +35,6 @@ def _canonical(name: str) -> str:
     if key not in TOY_MODELS:
         raise ValueError(f"unknown toy model {name!r}; expected one of {TOY_MODELS} (or toy-sd / toy-flux)")
     return key
-
-
-def toy_name(model: str) -> str | None:
-    """"sd" / "flux" for a CLI model string "toy-sd", "toy:sd", "toy-flux", "toy:flux"; None for anything else."""
-    for prefix in ("toy-", "toy:"):
-        if str(model).startswith(prefix) and model[len(prefix):] in TOY_MODELS:
-            return model[len(prefix):]
-    return None
 
 
 def toy_model_dir(name: str = "sd") -> Path:
