@@ -46,6 +46,7 @@ import torch.nn.functional as F
 from ..processors.call import select
 from ..processors.eraser import MAX_DILATE_PX, REDIRECTED, AttentiveEraser, as_mask_tensor, dilate
 from ..processors.params import InvalidParameter, choice, number
+from ..processors.softpag import MAX_GUIDANCE_SCALE
 from ..processors.host_diffusers import Session
 from ..processors.host_diffusers.session import denoiser_names
 from .inputs import check_call_args, check_size_multiple, rgb_images
@@ -56,7 +57,7 @@ from ..processors.host_diffusers.model_info import family_of
 logger = logging.getLogger("attnlab")
 
 MODES = ("sip", "dip")
-MAX_SARG_SCALE = 50.0
+MAX_SARG_SCALE = MAX_GUIDANCE_SCALE  # SARG is perturbation guidance with w = −s
 
 
 def _inpaint_class(pipe):
@@ -121,7 +122,7 @@ class AttentiveEraserPipeline(PipelineWrapper):
         refuse_nesting(self, pipe)
         self.pipe = pipe
         self.mode = choice("mode", mode, MODES)
-        # s beyond ~50 only amplifies the extra pass's difference into saturated or NaN images
+        # s beyond ~100 only amplifies the extra pass's difference into saturated or NaN images
         self.sarg_scale = number("sarg_scale", sarg_scale, 0.0, MAX_SARG_SCALE)
         self.dilate_px = None if dilate_px is None else number("dilate_px", dilate_px, 0.0, MAX_DILATE_PX)
         self.options = dict(ss_scale=ss_scale, ss_steps=ss_steps, start_step=start_step, layers=layers,

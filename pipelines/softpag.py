@@ -30,10 +30,9 @@ from .wrapper import PipelineWrapper, refuse_nesting, refuse_second_guidance
 from ..processors.host_diffusers.guidance import GuidancePass, cfg_scales, guided
 from ..processors.host_diffusers.model_info import attention_sites, family_of
 from ..processors.presets import load_preset, preset_options
-from ..processors.softpag import GuidanceSchedule, SoftPAG
+from ..processors.softpag import MAX_GUIDANCE_SCALE, GuidanceSchedule, SoftPAG
 
 _AUTO = object()
-MAX_SCALE = 50.0
 
 
 class SoftPAGPipeline(PipelineWrapper):
@@ -62,8 +61,8 @@ class SoftPAGPipeline(PipelineWrapper):
         if not self.names:
             raise ValueError(f"{type(pipe).__name__} has no unet/transformer; pass a diffusers pipeline")
         self.family = family_of(getattr(pipe, self.names[0]))
-        if scale is not None:  # beyond ~50 the guidance term only saturates the image (or turns it into NaN)
-            scale = number("scale", scale, 0.0, MAX_SCALE)
+        if scale is not None:  # beyond ~100 the guidance term only saturates the image (or turns it into NaN)
+            scale = number("scale", scale, 0.0, MAX_GUIDANCE_SCALE)
         self.extra_effects = effect_list("effects", effects, Effect)
         if any(isinstance(e, SoftPAG) for e in self.extra_effects):
             raise InvalidParameter("effects contains a SoftPAG effect: SoftPAGPipeline installs its own (from heads, "

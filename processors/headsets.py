@@ -19,9 +19,12 @@ are resolved with `resolve(groups)` (hosts pass `unet_groups(sites)`).
 
 from __future__ import annotations
 
+import numbers
 import re
 from dataclasses import dataclass
 from typing import Iterable, Mapping, Optional, Sequence, Union
+
+from .params import InvalidParameter, ParameterTypeError, integer
 
 ALL = "*"
 
@@ -32,11 +35,17 @@ _HEAD = re.compile(rf"^h?({_RANGE})$", re.IGNORECASE)
 _SYNTAX = "expected entries like 'L7:H3,H5; L9:*', 'L7-10' or UNet blocks 'd2.1-3, m0, u0'"
 
 
+#: layer and head numbers beyond any model: a typo, refused instead of expanded into memory
+MAX_INDEX = 10_000
+
+
 def _span(text: str) -> range:
     lo, _, hi = text.partition("-")
     lo_i, hi_i = int(lo), int(hi) if hi else int(lo)
     if hi_i < lo_i:
-        raise ValueError(f"range {text!r} runs backwards")
+        raise InvalidParameter(f"range {text!r} runs backwards")
+    if hi_i > MAX_INDEX:
+        raise InvalidParameter(f"range {text!r} goes beyond {MAX_INDEX}; layers and heads are small 0-based indices")
     return range(lo_i, hi_i + 1)
 
 
@@ -105,17 +114,30 @@ class HeadSet:
         return cls(layers)
 
     @classmethod
-    def of(cls, value) -> "HeadSet":
-        """Accept a HeadSet, its text, a {layer: heads or '*'} mapping, or (layer, head) pairs."""
+    def of(cls, value, name: str = "head set") -> "HeadSet":
+        """Accept a HeadSet, its text, a {layer: heads or '*'} mapping, or (layer, head) pairs; anything else
+        (a number, a flat list of numbers, a set of strings) is a ParameterTypeError that names `name`."""
         if isinstance(value, HeadSet):
             return value
         if value is None:
             return cls()
         if isinstance(value, str):
             return cls.parse(value)
-        if isinstance(value, Mapping):
-            return cls(value)
-        return cls.from_pairs(value)
+        try:
+            if isinstance(value, Mapping):
+                layers = {integer(f"{name} layer", k, 0, MAX_INDEX): _heads_value(name, k, v) for k, v in value.items()}
+                return cls(layers)
+            if isinstance(value, (bytes, numbers.Number)) or not isinstance(value, Iterable):
+                raise TypeError
+            pairs = [tuple(p) if isinstance(p, (tuple, list)) and len(p) == 2 else None for p in value]
+            if any(p is None for p in pairs):
+                raise TypeError
+            return cls.from_pairs((integer(f"{name} layer", a, 0, MAX_INDEX), integer(f"{name} head", b, 0, MAX_INDEX))
+                                  for a, b in pairs)
+        except TypeError:
+            raise ParameterTypeError(
+                f"{name} must be text like 'L7:H3,H5; L9:*', a {{layer: heads or '*'}} dict or (layer, head) pairs; "
+                f"got {value!r} ({type(value).__name__})") from None
 
     # --- queries ------------------------------------------------------------------------------------
     @property
@@ -211,6 +233,19 @@ class HeadSet:
                 bad = sorted(h for h in heads if h >= n)
                 if bad:
                     raise ValueError(f"head {bad[0]} is out of range for layer {layer}: it has {n} heads (0-{n - 1})")
+
+
+def _heads_value(name: str, layer, heads):
+    """The heads of one layer in a {layer: heads} mapping: '*' or a non-empty collection of head numbers."""
+    if heads == ALL:
+        return ALL
+    if isinstance(heads, (str, bytes, numbers.Number)) or not isinstance(heads, Iterable):
+        raise TypeError
+    heads = [integer(f"{name} head of layer {layer}", h, 0, MAX_INDEX) for h in heads]
+    if not heads:
+        raise InvalidParameter(f"{name} gives layer {layer} no heads ([]); list heads, use '*' for all, or leave the "
+                               "layer out")
+    return heads
 
 
 def _merge(old, new):

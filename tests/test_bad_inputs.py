@@ -18,6 +18,7 @@ from attnlab.processors.entropy import EntropyScaling
 from attnlab.processors.eraser import AttentiveEraser, dilate
 from attnlab.processors.freeswim import FreeSwim, freeswim_effects
 from attnlab.processors.params import InvalidParameter, ParameterTypeError
+from attnlab.processors.softpag import GuidanceSchedule, SoftPAG
 
 S = 32  # tiny pipelines: VAE factor 2
 MASK = torch.zeros(S, S)
@@ -93,6 +94,18 @@ EFFECT_CASES = [
     (lambda: AlignedGen(scale=float("nan")), InvalidParameter, "scale"),
     (lambda: AlignedGen(steps="ab"), ParameterTypeError, "steps"),
     (lambda: AlignedGen(ref_frames=0), InvalidParameter, "ref_frames"),
+    (lambda: SoftPAG(""), InvalidParameter, "heads"),
+    (lambda: SoftPAG(";;"), InvalidParameter, "heads"),
+    (lambda: SoftPAG(set()), InvalidParameter, "heads"),
+    (lambda: SoftPAG({1: []}), InvalidParameter, "heads"),
+    (lambda: SoftPAG(3), ParameterTypeError, "heads"),
+    (lambda: SoftPAG([1, 2]), ParameterTypeError, "heads"),
+    (lambda: SoftPAG("L0-100000000"), InvalidParameter, "100000000"),
+    (lambda: SoftPAG("L0:*", u="0.5"), ParameterTypeError, "u"),
+    (lambda: SoftPAG("L0:*", u=float("nan")), InvalidParameter, "u"),
+    (lambda: SoftPAG("L0:*", target="ident"), InvalidParameter, "target"),
+    (lambda: GuidanceSchedule(scale=1e30).validate(), InvalidParameter, "scale"),
+    (lambda: GuidanceSchedule(scale=2.0, start=float("nan")).validate(), InvalidParameter, "start"),
 ]
 
 

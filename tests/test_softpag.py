@@ -104,7 +104,7 @@ def test_off_switch_is_bit_exact(dtype, target):
     call = make_call(dtype=dtype)
     base = plain(call)
     assert torch.equal(run(SoftPAG({LAYER: "*"}, u=0.0, target=target), call), base)
-    assert torch.equal(run(SoftPAG("", u=1.0, target=target), call), base)
+    assert torch.equal(run(SoftPAG(HeadSet(), u=1.0, target=target), call), base)  # no heads: a no-op probe
     assert torch.equal(run(SoftPAG({LAYER + 1: "*"}, u=1.0, target=target), call), base)  # another layer
     no_ptb = call.replace(roles=("cond", "uncond", "cond", "uncond"))
     assert torch.equal(run(SoftPAG({LAYER: "*"}, u=1.0, target=target), no_ptb), plain(no_ptb))

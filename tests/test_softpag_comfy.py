@@ -98,9 +98,9 @@ def test_bad_node_inputs_and_unsupported_models():
 
     flux = NoClone()
     flux.model = fake_comfy.build_tiny("flux").model
-    with pytest.raises(ValueError, match=r"u must be in \[0.0, 1.0\]"):
+    with pytest.raises(ValueError, match=r"u must be .*in \[0, 1\]"):
         node(flux, heads="L0", u=1.5)
-    with pytest.raises(ValueError, match=r"scale must be in \[0.0, 100.0\]"):
+    with pytest.raises(ValueError, match=r"scale must be .*in \[0, 100\]"):
         node(flux, heads="L0", scale=-1.0)
     with pytest.raises(ValueError, match="target must be one of"):
         node(flux, heads="L0", target="max")
