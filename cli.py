@@ -325,7 +325,7 @@ def _read_prompts(values) -> list[str]:
 
 
 def cmd_headhunter(args) -> dict:
-    from .pipelines.headhunter import check_settings, load_objective, run_headhunter
+    from .pipelines.headhunter import check_settings, join_processes, load_objective, run_headhunter
 
     prompts = _read_prompts(args.prompts or [DEFAULT_PROMPT])
     check_settings(args.u, args.scale, args.cfg, args.steps, args.target, args.joint)
@@ -341,6 +341,7 @@ def cmd_headhunter(args) -> dict:
         import torch
 
         torch.set_num_threads(args.threads)
+    workers = join_processes()  # torchrun / accelerate launch: share the search (before loading: picks the GPU)
     t0 = time.perf_counter()
     model = load_model(args.model, args.device, args.dtype)
     t_load = time.perf_counter() - t0
@@ -351,7 +352,9 @@ def cmd_headhunter(args) -> dict:
         scale=args.scale, cfg=args.cfg, steps=args.steps, size=size, frames=frames or model.frames,
         target=args.target, joint=args.joint, layers=args.layers, max_candidates=args.max_candidates,
         restart=args.restart, validation=not args.no_validation, progress=not args.quiet,
-        call_kwargs=model.call_kwargs, model=str(args.model))
+        call_kwargs=model.call_kwargs, model=str(args.model), workers=workers)
+    if workers.rank:  # process 0 writes the files and reports
+        return {"method": "headhunter", "process": workers.rank, "heads": str(result.selected)}
     out = Path(args.out)
     cost = json.loads(Path(files["preset"]).read_text())["search"]["cost"]
     return {
@@ -376,7 +379,7 @@ def _head_set(text: str) -> str:
 
 
 def _softpag_scale(text: str) -> float:
-    from .pipelines.softpag import MAX_SCALE
+    from .processors.softpag import MAX_GUIDANCE_SCALE as MAX_SCALE
 
     return arg.float_in(0.0, MAX_SCALE)(text)
 
@@ -424,7 +427,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser(
         "headhunter",
         help="HeadHunter: search the attention heads whose SoftPAG perturbation most improves an objective",
-        description="Greedy head search (HeadHunter, arXiv 2506.10978, Algorithm 1): each round scores every "
+        description="Greedy head search (HeadHunter, arXiv 2506.10978, Algorithm 1), on one process or shared by "
+                    "several (torchrun --nproc_per_node=N -m attnlab.cli headhunter ..., or accelerate launch: each "
+                    "process scores its share of every round, process 0 writes the one resumable state file; "
+                    "docs/scale_out.md). Each round scores every "
         "remaining (layer, head) by the mean objective of images generated with SoftPAG on the selected heads "
         "plus that head, over prompts x seeds, and adds the top-k. Costs prompts*seeds*candidates*rounds "
         "generations. Writes OUT/state.json (resumable: rerun the same command), OUT/headset.json (a SoftPAG "

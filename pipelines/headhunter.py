@@ -28,7 +28,7 @@ from typing import Any, Callable, Iterable, Mapping, Optional, Sequence, Union
 import numpy as np
 import torch
 
-from ..processors.headhunter import SearchResult, search
+from ..processors.headhunter import SearchResult, SingleProcess, search
 from ..processors.headsets import HeadSet
 from ..processors.host_diffusers.model_info import attention_sites, family_of
 from ..processors.presets import save_preset
@@ -457,6 +457,45 @@ def contact_sheet(out_dir: Union[str, Path], validation: Sequence[Mapping], pair
 
 
 # ------------------------------------------------------------------------------------------ the search
+class Processes:
+    """The processes of a `torchrun` / `accelerate launch` job sharing one search (data parallel: every process
+    holds its own pipeline and scores its share of each round's candidates; see docs/scale_out.md)."""
+
+    def __init__(self, group=None):
+        import torch.distributed as dist
+
+        self._dist, self.group = dist, group
+        self.rank, self.size = dist.get_rank(group), dist.get_world_size(group)
+
+    def exchange(self, value) -> list:
+        out = [None] * self.size
+        self._dist.all_gather_object(out, value, group=self.group)
+        return out
+
+    def share(self, value):
+        box = [value]
+        self._dist.broadcast_object_list(box, src=0, group=self.group)
+        return box[0]
+
+
+def join_processes():
+    """The processes this program was launched with: `Processes` under torchrun / accelerate launch (WORLD_SIZE
+    > 1; joins the default process group if nobody has, NCCL on CUDA else gloo, and selects this process's GPU),
+    else `SingleProcess`. Call it before loading the pipeline."""
+    import os
+
+    import torch.distributed as dist
+
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 and not (dist.is_available() and dist.is_initialized()):
+        return SingleProcess()
+    if not dist.is_initialized():
+        cuda = torch.cuda.is_available()
+        if cuda:
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        dist.init_process_group("cpu:gloo,cuda:nccl" if cuda else "gloo")
+    return Processes()
+
+
 
 
 def run_headhunter(pipe, prompts: Sequence[str], seeds: Sequence[int] = (0,), objective: Union[str, Objective] = "sharpness",
@@ -465,13 +504,16 @@ def run_headhunter(pipe, prompts: Sequence[str], seeds: Sequence[int] = (0,), ob
                    target: str = "identity", joint: str = "full", layers: Optional[Iterable[int]] = None,
                    max_candidates: Optional[int] = None, restart: bool = False, validation: bool = True,
                    progress: bool = True, call_kwargs: Optional[Mapping[str, Any]] = None,
-                   model: Optional[str] = None) -> tuple[SearchResult, dict]:
+                   model: Optional[str] = None, workers=None) -> tuple[SearchResult, dict]:
     """Search heads on `pipe` (Algorithm 1) and write `out_dir`: state.json (resumable), headset.json
     (a SoftPAG preset with a "search" record), validation/*.png and validation.png.
 
     Returns the SearchResult and {"state", "preset", "validation_sheet"} paths. Rerunning with the same
     arguments resumes; other arguments on an existing state file raise unless `restart=True`.
     `model` names the model in the config and preset (default: the pipeline's `_name_or_path`).
+    `workers`: the processes sharing the search (`join_processes()`; default one process). Every process runs
+    this call with the same arguments and its own pipeline; process 0 writes the files, every process returns
+    the same result.
     """
     if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1:
         raise ValueError(f"top_k must be an integer >= 1 (heads added per round), got {top_k!r}")
@@ -483,13 +525,18 @@ def run_headhunter(pipe, prompts: Sequence[str], seeds: Sequence[int] = (0,), ob
     model = model or str(getattr(getattr(pipe, "config", None), "_name_or_path", "") or type(pipe).__name__)
     config = {"model": model, "pipeline": type(pipe).__name__, **scorer.config()}
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    workers = workers if workers is not None else SingleProcess()
+    lead = workers.rank == 0
+    if lead:
+        out_dir.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     result = search(candidates, scorer, top_k, rounds, state_path=out_dir / STATE_FILE, config=config,
                     restart=restart, validate=make_validator(scorer, out_dir) if validation else None,
-                    progress=progress)
+                    progress=progress and lead, workers=workers)
     seconds = time.perf_counter() - t0
-    files = {"state": out_dir / STATE_FILE}
+    files = {"state": out_dir / STATE_FILE, "preset": out_dir / PRESET_FILE}
+    if not lead:
+        return result, files
     sheet = contact_sheet(out_dir, result.validation, scorer.pairs) if validation else None
     if sheet is not None:
         files["validation_sheet"] = sheet

@@ -183,6 +183,18 @@ class RopeInfo:
         return self.rotate(x, cos.to(x.device), sin.to(x.device))
 
 
+@dataclass(frozen=True)
+class HeadShard:
+    """The call holds heads ``offset … offset + count − 1`` of the site's `total` heads; the others are on other
+    processes (the diffusers host under context parallelism hands each process the whole sequence with a slice
+    of the heads). `mean(x)` averages a tensor of the same shape over those processes (a collective: every
+    process must call it, in the same order)."""
+
+    offset: int
+    total: int
+    mean: Callable[[torch.Tensor], torch.Tensor]
+
+
 class AttentionCall:
     """One attention invocation. Treat it as immutable: effects derive modified calls with `replace`.
 
@@ -194,19 +206,24 @@ class AttentionCall:
     them: finding the step costs a device sync in eager mode, and under torch.compile every value read
     becomes a guard (roles differ between a pipeline's cond and uncond forwards), so calls whose effects
     never look at them pay nothing and compile once.
+
+    `shard` is None unless the call holds only some of the site's heads (`HeadShard`); effects that address
+    heads by number use `heads_total` and `local_heads`, and reductions over heads use `mean_over_heads`.
     """
 
-    __slots__ = ("q", "k", "v", "site", "tokens", "_roles", "_step", "mask", "scale", "rope")
+    __slots__ = ("q", "k", "v", "site", "tokens", "_roles", "_step", "mask", "scale", "rope", "shard")
 
     def __init__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, site: Site,
                  tokens: Optional[TokenLayout] = None, roles: Optional[tuple[str, ...]] = None,
                  step=None, mask: Optional[torch.Tensor] = None,
-                 scale: Optional[float] = None, rope: Optional[RopeInfo] = None):
+                 scale: Optional[float] = None, rope: Optional[RopeInfo] = None,
+                 shard: Optional[HeadShard] = None):
         self.q, self.k, self.v, self.site = q, k, v, site
         self.tokens = _EMPTY_LAYOUT if tokens is None else tokens
         self._roles = roles
         self._step = _EMPTY_STEP if step is None else step
         self.mask, self.scale, self.rope = mask, scale, rope
+        self.shard = shard
 
     @property
     def step(self) -> StepInfo:
@@ -229,6 +246,7 @@ class AttentionCall:
         new.site, new.tokens = pop("site", self.site), pop("tokens", self.tokens)
         new._roles, new._step = pop("roles", self._roles), pop("step", self._step)
         new.mask, new.scale, new.rope = pop("mask", self.mask), pop("scale", self.scale), pop("rope", self.rope)
+        new.shard = pop("shard", self.shard)
         if changes:
             raise TypeError(f"AttentionCall has no field(s) {sorted(changes)}")
         return new
@@ -245,6 +263,22 @@ class AttentionCall:
     @property
     def heads(self) -> int:
         return self.q.shape[1]
+
+    @property
+    def heads_total(self) -> int:
+        """The site's number of heads (more than `heads` when the call holds a `HeadShard`)."""
+        return self.heads if self.shard is None else self.shard.total
+
+    def local_heads(self, heads: Sequence[int]) -> list[int]:
+        """Positions in this call of the site's heads `heads` (global head numbers); heads held elsewhere are left out."""
+        if self.shard is None:
+            return list(heads)
+        first, n = self.shard.offset, self.heads
+        return [h - first for h in heads if first <= h < first + n]
+
+    def mean_over_heads(self, x: torch.Tensor) -> torch.Tensor:
+        """`x`, a mean over this call's heads, as the mean over all the site's heads."""
+        return x if self.shard is None else self.shard.mean(x)
 
     @property
     def head_dim(self) -> int:

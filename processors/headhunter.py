@@ -34,6 +34,20 @@ Scorer = Callable[[HeadSet], float]
 Validator = Callable[[HeadSet, int], Mapping[str, Any]]
 
 
+class SingleProcess:
+    """The search's view of the processes sharing it: rank, size, `exchange(value)` (every process's value, by
+    rank) and `share(value)` (process 0's value, everywhere). One process: trivial. `pipelines/headhunter.py`
+    has the torch.distributed one (torchrun / accelerate launch)."""
+
+    rank, size = 0, 1
+
+    def exchange(self, value) -> list:
+        return [value]
+
+    def share(self, value):
+        return value
+
+
 class SearchConfigMismatch(ValueError):
     """The state file belongs to a search with another configuration."""
 
@@ -72,6 +86,40 @@ class SearchResult:
             "rounds": self.rounds,
             "validation": self.validation,
         }
+
+
+def _open_state(path: Optional[Path], config: dict, restart: bool):
+    """(the state to resume or None, an error message when the file holds another search)."""
+    if path is None:
+        return None, None
+    path.parent.mkdir(parents=True, exist_ok=True)
+    state = None if restart else load_state(path)
+    if state is not None and state.get("config") != config:
+        differing = _diff(state.get("config") or {}, config)
+        return None, (f"{path} holds a search with a different config (differs in: {', '.join(differing)}); "
+                      "pass --restart (restart=True) to discard it, or use another output folder")
+    return state, None
+
+
+def _score_batch(workers, score: Scorer, base: HeadSet, mine: Optional[Pair]) -> list:
+    """Every process scores its candidate of the batch (`mine`, None when it has none); returns every process's
+    (key, score, seconds) in rank order. A failure on any process is raised on all of them (never a hang)."""
+    key = value = error = None
+    t0 = time.perf_counter()
+    if mine is not None:
+        key = head_key(mine)
+        try:
+            value = _finite(score(base.union(HeadSet.from_pairs([mine]))))
+        except Exception as exc:  # noqa: BLE001 - re-raised below, after the others have heard of it
+            error = exc
+    seconds = time.perf_counter() - t0
+    results = workers.exchange((key, value, seconds, None if error is None else repr(error)))
+    if error is not None:
+        raise error
+    failed = [(rank, r[3]) for rank, r in enumerate(results) if r[3] is not None]
+    if failed:
+        raise RuntimeError(f"scoring failed on process {failed[0][0]}: {failed[0][1]}")
+    return [r[:3] for r in results if r[0] is not None]
 
 
 def _normalise_candidates(candidates: Iterable[Sequence[int]]) -> list[Pair]:
@@ -153,6 +201,7 @@ def search(
     validate: Optional[Validator] = None,
     progress: bool = True,
     on_round: Optional[Callable[[dict], None]] = None,
+    workers=None,
 ) -> SearchResult:
     """Run (or resume) the greedy HeadHunter search.
 
@@ -169,6 +218,10 @@ def search(
                 the first round and once after each round (index r); results are kept in the state.
     progress:   show a tqdm bar over the candidates of each round.
     on_round:   called with each completed round's record.
+    workers:    the processes sharing the search (`SingleProcess` by default): each scores every size-th
+                candidate of a round, the scores are exchanged after each batch so every process holds the
+                same state, process 0 alone writes the state file and runs the validator. A round's
+                "seconds" is then the scoring time summed over the processes.
     """
     if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1:
         raise ValueError(f"top_k must be an integer >= 1 (heads added per round), got {top_k!r}")
@@ -181,22 +234,18 @@ def search(
         raise TypeError("score must be a callable score(HeadSet) -> float")
     full_config = _jsonable({**(config or {}), "candidates": [list(p) for p in pool], "top_k": top_k, "rounds": rounds})
 
+    workers = workers if workers is not None else SingleProcess()
+    lead = workers.rank == 0
     path = Path(state_path) if state_path is not None else None
-    state = None
-    if path is not None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        state = None if restart else load_state(path)
-        if state is not None and state.get("config") != full_config:
-            differing = _diff(state.get("config") or {}, full_config)
-            raise SearchConfigMismatch(
-                f"{path} holds a search with a different config (differs in: {', '.join(differing)}); "
-                "pass --restart (restart=True) to discard it, or use another output folder")
+    state, mismatch = workers.share(_open_state(path, full_config, restart) if lead else None)
+    if mismatch:
+        raise SearchConfigMismatch(mismatch)
     if state is None:
         state = {"format": STATE_FORMAT, "config": full_config, "rounds": [], "current": None, "validation": [],
                  "done": False}
 
     def save() -> None:
-        if path is not None:
+        if path is not None and lead:
             _write_json(path, state)
 
     save()
@@ -209,7 +258,7 @@ def search(
         if validate is None or (index < len(state["validation"]) and state["validation"][index] is not None):
             return
         heads = HeadSet.from_pairs(p for rec in state["rounds"][:index] for p in rec["added"])
-        result = {"heads": str(heads), **dict(validate(heads, index))}
+        result = workers.share({"heads": str(heads), **dict(validate(heads, index))} if lead else None)
         state["validation"][index:index + 1] = [_jsonable(result)]
         save()
 
@@ -230,19 +279,20 @@ def search(
         bar = _progress(len(remaining), len(remaining) - len(todo), f"HeadHunter round {r + 1}/{rounds}", progress)
         best = max((v for v in scores.values() if v is not None), default=None)
         try:
-            for pair in todo:
-                t0 = time.perf_counter()
-                value = _finite(score(base.union(HeadSet.from_pairs([pair]))))
-                current["seconds"] = round(current["seconds"] + time.perf_counter() - t0, 4)
-                scores[head_key(pair)] = value
-                evaluated += 1
+            for start in range(0, len(todo), workers.size):
+                batch = todo[start:start + workers.size]
+                mine = batch[workers.rank] if workers.rank < len(batch) else None
+                for key, value, seconds in _score_batch(workers, score, base, mine):
+                    current["seconds"] = round(current["seconds"] + seconds, 4)
+                    scores[key] = value
+                    evaluated += 1
+                    if value is not None and (best is None or value > best):
+                        best = value
+                    if bar is not None:
+                        bar.update(1)
+                        if best is not None:
+                            bar.set_postfix(best=f"{best:.4g}", refresh=False)
                 save()
-                if value is not None and (best is None or value > best):
-                    best = value
-                if bar is not None:
-                    bar.update(1)
-                    if best is not None:
-                        bar.set_postfix(best=f"{best:.4g}", refresh=False)
         finally:
             if bar is not None:
                 bar.close()

@@ -199,11 +199,11 @@ class TextMaps(Effect):
         suppress = self.gas_mode != "drop" and call.site.layer >= self.gas_min_layer
         with torch.no_grad():
             if suppress:
-                bias = self._sink_bias(q_img, k_txt, scale, call.site.layer)
-                maps = self._select(text_maps(q_img, k_txt, scale, "img2txt_textsoftmax", bias=bias))
+                bias = self._sink_bias(call, q_img, k_txt, scale)
+                maps = self._select(call.mean_over_heads(text_maps(q_img, k_txt, scale, "img2txt_textsoftmax", bias=bias)))
             else:
                 bias = None
-                maps = self._maps(call, q, k, scale)
+                maps = call.mean_over_heads(self._maps(call, q, k, scale))
                 if not (self.map_mode == "img2txt_textsoftmax" or call.tokens.k_image is None):
                     maps = self._select(maps)
             self._store(call, maps)
@@ -228,8 +228,9 @@ class TextMaps(Effect):
             raise ValueError(f"map_mode 'txt2img_joint' needs text queries; layer {call.site.layer} has none")
         return text_maps(None, None, scale, "txt2img_joint", k_all=k, q_txt=q[:, :, t.q_text], k_img=k[:, :, t.k_image])
 
-    def _sink_bias(self, q_img, k_txt, scale, layer) -> torch.Tensor:
-        maps = text_maps(q_img, k_txt, scale, "img2txt_textsoftmax")
+    def _sink_bias(self, call, q_img, k_txt, scale) -> torch.Tensor:
+        layer = call.site.layer
+        maps = call.mean_over_heads(text_maps(q_img, k_txt, scale, "img2txt_textsoftmax"))
         sinks = detect_sinks(maps, self.gas_mass, self.gas_cv)  # [rows, Nt]
         if self.sink_candidates is not None:
             allowed = torch.zeros_like(sinks)

@@ -36,9 +36,12 @@ import torch.nn.functional as F
 from .call import AttentionCall, Site, StepInfo, select
 from .effects import Attend, Effect
 from .headsets import HeadSet, unet_groups
+from .params import InvalidParameter, boolean, choice, integer, number
 
 TARGETS = ("identity", "uniform", "mean_query", "max")
 PATHS = ("linear", "fisher_rao")
+#: w beyond ~100 only saturates the image (1e30 turns it into NaN); the papers use 1–5 (the nodes allow up to 100)
+MAX_GUIDANCE_SCALE = 100.0
 JOINT_MODES = ("full", "image")
 PERTURBED = "perturbed"
 
@@ -65,13 +68,15 @@ class SoftPAG(Effect):
 
     def __init__(self, heads, u: float = 1.0, target: str = "identity", path: str = "linear",
                  joint: str = "full", dual_attention: bool = False, max_explicit_tokens: int = 16384):
-        self.heads = HeadSet.of(heads)
-        self.u = float(u)
-        self.target = target
-        self.path = path
-        self.joint = joint
-        self.dual_attention = bool(dual_attention)
-        self.max_explicit_tokens = int(max_explicit_tokens)
+        self.heads = HeadSet.of(heads, "heads")
+        if not self.heads and not isinstance(heads, HeadSet):  # an explicit HeadSet() is a no-op probe (HeadHunter)
+            raise InvalidParameter(f"heads is empty ({heads!r}): name at least one layer, e.g. 'L7:H3,H5' or 'L9:*'")
+        self.u = number("u", u, 0.0, 1.0)
+        self.target = choice("target", target, TARGETS)
+        self.path = choice("path", path, PATHS)
+        self.joint = choice("joint", joint, JOINT_MODES)
+        self.dual_attention = boolean("dual_attention", dual_attention)
+        self.max_explicit_tokens = integer("max_explicit_tokens", max_explicit_tokens, 1)
         self._bound: Optional[tuple] = None  # (groups, resolved HeadSet) once checked against a UNet
 
     def __repr__(self) -> str:
@@ -98,6 +103,14 @@ class SoftPAG(Effect):
                              "path='linear' only")
         if self.max_explicit_tokens < 1:
             raise ValueError(f"SoftPAG max_explicit_tokens must be >= 1, got {self.max_explicit_tokens}")
+
+    def conflicts_with(self, other) -> bool:
+        """Two SoftPAG effects clash where their layers overlap (the second would blend the same heads again)."""
+        if not isinstance(other, SoftPAG):
+            return False
+        if not (self.heads.resolved and other.heads.resolved):
+            return True  # UNet block refs: overlap unknown until resolved, so refuse rather than guess
+        return bool(set(self.heads.layers) & set(other.heads.layers))
 
     def perturbs(self, site: Site) -> bool:
         """Kinds of attention SoftPAG acts on: self-attention and joint/single streams, never cross."""
@@ -143,7 +156,7 @@ class SoftPAG(Effect):
         rows = call.rows_with(PERTURBED)
         if not rows:
             return out
-        heads = self.resolved_heads.heads_at(call.site.layer, call.heads)
+        heads = call.local_heads(self.resolved_heads.heads_at(call.site.layer, call.heads_total))
         if not heads:
             return out
         return blend_heads(call, out, rows, heads, self.u, self.target, self.path, self.joint, self.max_explicit_tokens)
@@ -324,8 +337,12 @@ class GuidanceSchedule:
     adaptive: float = 0.0
 
     def validate(self) -> None:
-        if not math.isfinite(self.scale) or self.scale < 0:
-            raise ValueError(f"perturbation guidance scale must be a finite number >= 0, got {self.scale}")
+        number("scale", self.scale, 0.0, MAX_GUIDANCE_SCALE)
+        for name in ("start", "end", "adaptive"):
+            number(name, getattr(self, name), 0.0, 1.0 if name != "adaptive" else 1000.0)
+        for name in ("sigma_min", "sigma_max"):
+            if getattr(self, name) is not None:
+                number(name, getattr(self, name), 0.0)
         if not (0.0 <= self.start <= self.end <= 1.0):
             raise ValueError(f"guidance window needs 0 <= start <= end <= 1, got start={self.start}, end={self.end}")
         if self.sigma_min is not None and self.sigma_max is not None and self.sigma_min > self.sigma_max:

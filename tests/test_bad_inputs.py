@@ -292,3 +292,46 @@ def test_node_widgets_refuse_nan_and_strings():
         strength = next(p for spec in NODE_SPECS for p in spec.inputs if p.id == "strength")
         with pytest.raises(error, match="strength"):
             strength.check(value)
+
+
+# --- attnlab.apply: session options, the effect list, double installs ------------------------------------
+@pytest.mark.parametrize("options,error,name", [
+    (dict(native_size=(0, 0)), InvalidParameter, "native_size"),
+    (dict(native_size=(-64, 64)), InvalidParameter, "native_size"),
+    (dict(native_size="64"), ParameterTypeError, "native_size"),
+    (dict(vae_scale=0), InvalidParameter, "vae_scale"),
+    (dict(vae_scale=-8), InvalidParameter, "vae_scale"),
+    (dict(vae_scale=1.5), InvalidParameter, "vae_scale"),
+])
+def test_apply_checks_its_options(sd15, options, error, name):
+    import attnlab
+
+    expect_refusal(sd15, lambda: attnlab.apply(sd15, [EntropyScaling()], **options), error, name)
+
+
+def test_apply_refuses_double_installs(sd15):
+    import attnlab
+
+    e = EntropyScaling()
+    expect_refusal(sd15, lambda: attnlab.apply(sd15, e), ParameterTypeError, "effects", "[EntropyScaling(...)]")
+    expect_refusal(sd15, lambda: attnlab.apply(sd15, [e, e]), InvalidParameter, "same effect object")
+    expect_refusal(sd15, lambda: attnlab.apply(sd15, [e, EntropyScaling(strength=2)]), InvalidParameter,
+                   "two EntropyScaling")
+    with attnlab.entropy_scaling(sd15):
+        expect_refusal(sd15, lambda: attnlab.entropy_scaling(sd15), InvalidParameter, "already installed")
+        expect_refusal(sd15, lambda: attnlab.apply(sd15, [EntropyScaling(strength=0.5)]), InvalidParameter,
+                       "already installed")
+        with attnlab.apply(sd15, [SoftPAG("L0:*")]):  # another kind nests as before
+            pass
+    with attnlab.apply(sd15, [SoftPAG("L0:*", u=0.5), SoftPAG("L1:*")]):  # SoftPAG on other layers stacks
+        expect_refusal(sd15, lambda: attnlab.apply(sd15, [SoftPAG("L1:H0")]), InvalidParameter, "already installed")
+
+
+def test_wan_native_size_follows_the_model_size():
+    """FreeSwim's and entropy scaling's default base: Wan 14B was trained at 720×1280, 1.3B at 480×832."""
+    from attnlab.processors.host_diffusers.model_info import geometry_of
+
+    pipe = build_tiny_pipeline("wan")
+    assert geometry_of(pipe.transformer, pipe).native_size == (81, 480, 832)
+    pipe.transformer.register_to_config(num_attention_heads=40, attention_head_dim=128)  # Wan 14B's width
+    assert geometry_of(pipe.transformer, pipe).native_size == (81, 720, 1280)

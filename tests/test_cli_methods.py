@@ -112,7 +112,7 @@ def test_eraser_cli_given_image_and_mask(tmp_path, capsys):
 @pytest.mark.parametrize("extra, message", [
     (["--image", "/no/such.png"], "argument --image: no such file: '/no/such.png'"),
     (["--strength", "0"], "argument --strength: must be a finite number in (0, 1]; got 0"),
-    (["--scale", "-1"], "argument --scale: must be a finite number in [0, 50]; got -1"),
+    (["--scale", "-1"], "argument --scale: must be a finite number in [0, 100]; got -1"),
     (["--model", "tiny-nope"], "unknown tiny model"),
     (["--model", "tiny-flux", "--mode", "dip"], "UNet pipelines"),
 ])

@@ -185,6 +185,7 @@ class Recipe:
     steps: int = 5200
     batch: int = 32
     lr: float = 1e-3
+    object_weight: float = 1.0  # SD: denoiser loss weight of latent cells that hold an object (1 = off)
     unet_blocks: tuple = (32, 64, 128)
     flux_blocks: tuple = (2, 4)  # double, single
     text_width: int = 128
@@ -211,6 +212,7 @@ RECIPE_HELP = {
     "vae_lr": "VAE learning rate", "vae_kl": "VAE KL weight",
     "vae_object_weight": "VAE loss weight on object pixels and their edge ring", "steps": "denoiser (+ text encoder) steps",
     "batch": "denoiser batch", "lr": "denoiser learning rate (warm-up 100, cosine to 10 %%)",
+    "object_weight": "SD: denoiser loss weight on latent cells that hold object pixels (1 = off)",
     "unet_blocks": "UNet channels per level, multiples of 32 (e.g. 32,64,128)",
     "flux_blocks": "FLUX double,single block counts", "text_width": "text encoder width",
     "caption_dropout": "share of empty captions (for classifier-free guidance)", "ema_decay": "EMA decay",
@@ -409,6 +411,13 @@ def object_weights(x: torch.Tensor, weight: float) -> torch.Tensor:
     return 1.0 + (weight - 1.0) * ring
 
 
+def latent_object_weights(x: torch.Tensor, weight: float, factor: int) -> torch.Tensor:
+    """Per-latent-cell loss weights (B, 1, H/f, W/f): ``weight`` on cells that hold object pixels (or their edge
+    ring), 1 elsewhere. The denoiser's plain loss is spent on the background patterns that fill the image, as
+    the VAE's was: colours are learned, shapes stay round."""
+    return torch.nn.functional.max_pool2d(object_weights(x, weight), factor)
+
+
 def train_vae(vae, *, steps: int, batch: int, size: int, device: str, state_dir: Path, resume: bool, seed: int,
               lr: float = 1e-3, ckpt_every: int = 200, log=None, kl_weight: float = VAE_KL_WEIGHT,
               on_checkpoint=None, workers: int = 0, object_weight: float = 1.0) -> dict:
@@ -532,7 +541,9 @@ def train_denoiser(arch: str, comps: dict, recipe: Recipe, *, device: str, state
             ac = sch.alphas_cumprod.to(device)[t]
             snr = ac / (1 - ac)
             w = torch.clamp(snr, max=5.0) / (snr + 1)  # min-SNR-5 for v-prediction
-            loss = (w * ((pred - target) ** 2).mean(dim=(1, 2, 3))).mean()
+            cells = latent_object_weights(x.to(device), r.object_weight, r.vae_factor)
+            err = ((pred - target) ** 2 * cells).sum(dim=(1, 2, 3)) / (cells.sum(dim=(1, 2, 3)) * pred.shape[1])
+            loss = (w * err).mean()
         else:
             loss = _flux_loss(comps, mods, z, noise, caps, gen, device, scale, shift, r.vae_factor)
         opt.zero_grad(set_to_none=True)

@@ -9,6 +9,8 @@ from typing import Optional
 import torch
 
 from ..call import Site
+from ..native import wan_native_size
+from ..params import integer, pixel_size
 
 # denoiser class name -> family
 DENOISER_FAMILIES = {
@@ -20,7 +22,7 @@ DENOISER_FAMILIES = {
 }
 
 # Native (training) size in pixels, (frames, height, width), for families whose config has no sample size.
-DEFAULT_NATIVE_SIZE = {"flux": (1, 1024, 1024), "wan": (81, 480, 832)}
+DEFAULT_NATIVE_SIZE = {"flux": (1, 1024, 1024)}  # Wan: by model width (`native.wan_native_size`)
 
 
 class UnsupportedModelError(ValueError):
@@ -122,6 +124,8 @@ def geometry_of(denoiser, pipeline=None, vae_scale: Optional[int] = None, native
     family = family_of(denoiser)
     denoiser = unwrap(denoiser)
     cfg = denoiser.config
+    if vae_scale is not None:
+        vae_scale = integer("vae_scale", vae_scale, 1, 64)
     spatial = vae_scale or getattr(pipeline, "vae_scale_factor_spatial", None) or getattr(pipeline, "vae_scale_factor", None) or 8
     temporal = getattr(pipeline, "vae_scale_factor_temporal", None) or (4 if family == "wan" else 1)
     if family == "unet":
@@ -138,10 +142,12 @@ def geometry_of(denoiser, pipeline=None, vae_scale: Optional[int] = None, native
             sample = sample[0]
         if sample is not None and family != "wan":
             native_size = (1, int(sample) * spatial, int(sample) * spatial)
+        elif family == "wan":
+            native_size = wan_native_size(int(cfg.num_attention_heads) * int(cfg.attention_head_dim))
         else:
             native_size = DEFAULT_NATIVE_SIZE.get(family, (1, 1024, 1024))
     else:
-        native_size = tuple(int(s) for s in native_size)
+        native_size = pixel_size("native_size", native_size)
         if len(native_size) == 2:
             native_size = (1,) + native_size
     return Geometry(family, (int(temporal), int(spatial)), patch, native_size)

@@ -21,6 +21,7 @@ from ..call import AttentionCall, RopeInfo, Site, TokenLayout, fold_scale_into_q
 from ..effects import EffectStack
 from ..tracing import cached
 from .model_info import Geometry
+from .parallel import context_world, exchange_for
 from .run_state import RunState
 
 
@@ -79,9 +80,9 @@ class _HostProcessor:
         px = g.vae_scale[1] * 2**level
         return (1, h, w), (1, px, px)
 
-    def _call(self, q, k, v, mask, tokens, rope=None) -> AttentionCall:
+    def _call(self, q, k, v, mask, tokens, rope=None, shard=None) -> AttentionCall:
         roles, step = self.state.call_sources(q.shape[0])
-        return AttentionCall(q, k, v, self.site, tokens, roles, step, mask, None, rope)
+        return AttentionCall(q, k, v, self.site, tokens, roles, step, mask, None, rope, shard)
 
 
 class AttnlabAttnProcessor(_HostProcessor):
@@ -242,11 +243,23 @@ class _DispatchProcessor(_HostProcessor):
 
     _attention_backend = None
     _parallel_config = None
+    _exchange_for = None  # the `_parallel_config` that `_exchange_cached` was made for
+    _exchange_cached = None
 
     def __init__(self, site, stack, state, original=None):
         super().__init__(site, stack, state, original)
         self._attention_backend = getattr(original, "_attention_backend", None)
         self._parallel_config = getattr(original, "_parallel_config", None)
+
+    def _exchange(self, heads: int):
+        """The context-parallel `Exchange` for this processor's current `_parallel_config` (None without)."""
+        config = self._parallel_config
+        if config is None:
+            return None
+        if self._exchange_for is not config:
+            self._exchange_cached = exchange_for(config, heads, f" at {self.site.name}")
+            self._exchange_for = config
+        return self._exchange_cached
 
     def _dispatch(self, q, k, v, mask, parallel_config, scale=None):
         kwargs = {}
@@ -260,10 +273,17 @@ class _DispatchProcessor(_HostProcessor):
             backend=self._attention_backend, parallel_config=parallel_config, **kwargs,
         )
 
-    def _attend(self, query, key, value, mask, tokens, parallel_config, rope=None):
-        """Stock dispatch when the stack is empty; otherwise run the stack in the canonical layout."""
+    def _attend(self, query, key, value, mask, tokens, parallel_config, rope=None, text=0, kv_sliced=True):
+        """Stock dispatch when the stack is empty; otherwise run the stack in the canonical layout.
+
+        `tokens(n_q, n_k, n_text)` builds the layout from the call's whole-sequence counts; `text`: the text
+        tokens at the start of this process's sequence (FLUX); `kv_sliced`: whether keys/values are sliced
+        along the sequence like the queries under context parallelism (not Wan's text keys)."""
         if not self.active:
             return self._dispatch(query, key, value, mask, parallel_config)
+        exchange = self._exchange(query.shape[2])
+        if exchange is not None:
+            return self._attend_exchanged(exchange, query, key, value, mask, tokens, rope, text, kv_sliced)
 
         qc, kc, vc = query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2)
 
@@ -273,8 +293,25 @@ class _DispatchProcessor(_HostProcessor):
             out = self._dispatch(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), m, parallel_config, scale)
             return out.transpose(1, 2)
 
-        call = self._call(qc, kc, vc, mask, tokens(), rope)
+        call = self._call(qc, kc, vc, mask, tokens(query.shape[1], key.shape[1], text), rope)
         return self.stack.run(call, kernel).transpose(1, 2)
+
+    def _attend_exchanged(self, exchange, query, key, value, mask, tokens, rope, text, kv_sliced):
+        """Under context parallelism: the stack on the whole sequence with this process's heads (see `parallel`)."""
+        if mask is not None:
+            raise ValueError(f"attnlab effects at {self.site.name} cannot take an attention mask under context "
+                             "parallelism")
+        q = exchange.to_heads(query, text)
+        k, v = (exchange.to_heads(x, text) if kv_sliced else exchange.own_heads(x) for x in (key, value))
+
+        def kernel(q, k, v, m, scale):
+            out = self._dispatch(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), m, None, scale)
+            return out.transpose(1, 2)
+
+        layout = tokens(q.shape[1], k.shape[1], text * exchange.world)
+        call = self._call(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), None, layout,
+                          exchange.rope(rope, text), exchange.shard)
+        return exchange.to_sequence(self.stack.run(call, kernel).transpose(1, 2), text)
 
 
 class AttnlabFluxAttnProcessor(_DispatchProcessor):
@@ -283,6 +320,14 @@ class AttnlabFluxAttnProcessor(_DispatchProcessor):
     def __init__(self, site, stack, state, original=None, pos_embed=None):
         super().__init__(site, stack, state, original)
         self.pos_embed = pos_embed
+
+    def _local_text(self, encoder_hidden_states) -> int:
+        """Text tokens at the start of this call's sequence: the double blocks' own text stream; in the single
+        blocks the forward's text length (the whole text, divided among the processes under context parallelism)."""
+        if encoder_hidden_states is not None:
+            return encoder_hidden_states.shape[1]
+        n_text = self.state.text_len or 0
+        return n_text // context_world(self._parallel_config)
 
     def __call__(
         self,
@@ -323,10 +368,7 @@ class AttnlabFluxAttnProcessor(_DispatchProcessor):
             query = apply_rotary_emb(query, image_rotary_emb, sequence_dim=1)
             key = apply_rotary_emb(key, image_rotary_emb, sequence_dim=1)
 
-        def tokens():
-            n = query.shape[1]
-            n_text = encoder_hidden_states.shape[1] if encoder_hidden_states is not None else (self.state.text_len or 0)
-
+        def tokens(n, n_k, n_text):
             def spans():
                 text, image = slice(0, n_text), slice(n_text, n)
                 return dict(q_image=image, k_image=image, q_text=text, k_text=text, text_first=True)
@@ -336,7 +378,8 @@ class AttnlabFluxAttnProcessor(_DispatchProcessor):
         rope = None
         if image_rotary_emb is not None and self.active:
             rope = RopeInfo(image_rotary_emb[0], image_rotary_emb[1], _flux_rotate, self.pos_embed)
-        hidden_states = self._attend(query, key, value, attention_mask, tokens, self._parallel_config, rope)
+        hidden_states = self._attend(query, key, value, attention_mask, tokens, self._parallel_config, rope,
+                                     self._local_text(encoder_hidden_states) if self.active else 0)
         hidden_states = hidden_states.flatten(2, 3)
         hidden_states = hidden_states.to(query.dtype)
 
@@ -423,8 +466,7 @@ class AttnlabWanAttnProcessor(_DispatchProcessor):
 
         cross = encoder_hidden_states is not None
 
-        def tokens():
-            nq, nk = query.shape[1], key.shape[1]
+        def tokens(nq, nk, _):
             k_span = "k_text" if cross else "k_image"
             return self._image_layout((nq, nk), nq, lambda: {"q_image": slice(0, nq), k_span: slice(0, nk)})
 
@@ -433,7 +475,8 @@ class AttnlabWanAttnProcessor(_DispatchProcessor):
             cos, sin = (t.reshape(t.shape[-3], t.shape[-1]) for t in rotary_emb)
             rope = RopeInfo(cos, sin, _wan_rotate)
         parallel_config = self._parallel_config if not cross else None
-        hidden_states = self._attend(query, key, value, attention_mask, tokens, parallel_config, rope)
+        hidden_states = self._attend(query, key, value, attention_mask, tokens, parallel_config, rope,
+                                     kv_sliced=not cross)
         hidden_states = hidden_states.flatten(2, 3)
         hidden_states = hidden_states.type_as(query)
         if hidden_states_img is not None:

@@ -21,6 +21,7 @@ from diffusers.hooks.hooks import HookRegistry, ModelHook, StateManager
 from ..call import ROLES, StepInfo
 from ..tracing import compiling
 from .model_info import Geometry
+from .parallel import gather_ids, input_split
 
 HOOK_NAME = "attnlab_run_state"
 
@@ -350,7 +351,13 @@ class RunStateHook(ModelHook):
         text_len = None if text is None else int(text.shape[1])
         pt, ph, pw = g.patch
         if family == "flux":
-            grid = self._flux_grid(self._arg(args, kwargs, "img_ids"), x.shape[1])
+            ids, n_image = self._arg(args, kwargs, "img_ids"), x.shape[1]
+            split = None if compiling() else input_split(module, HOOK_NAME)
+            if split is not None:  # context parallelism split the inputs before this hook: work with the whole
+                world = split._flattened_mesh.size()
+                ids, n_image = (None if ids is None else gather_ids(split, ids)), n_image * world
+                text_len = None if text_len is None else text_len * world
+            grid = self._flux_grid(ids, n_image)
             latent = None if grid is None else (1, grid[1] * ph, grid[2] * pw)
         elif family == "wan":
             latent = tuple(int(s) for s in x.shape[2:5])

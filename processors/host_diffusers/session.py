@@ -18,9 +18,12 @@ from typing import Optional, Sequence
 
 import torch
 
-from ..effects import EffectStack, check_effects
+from ..effects import Effect, EffectStack, check_effects
+from ..installs import check_single_install
+from ..params import effect_list
 from .model_info import UnsupportedModelError, attention_sites, family_of, geometry_of, unwrap
 from .processors import PROCESSOR_FOR_KIND, STOCK_PROCESSORS, AttnlabFluxAttnProcessor, _HostProcessor
+from .parallel import check_model as check_parallel
 from .run_state import RunState, attach_state, detach_state, watch_cfg, watch_run
 
 logger = logging.getLogger("attnlab")
@@ -62,13 +65,16 @@ class Session:
 
     def __init__(self, target, effects: Sequence, *, vae_scale: Optional[int] = None, native_size=None, strict: bool = False):
         self.target = target
-        self.effects = list(effects)
+        self.effects = effect_list("effects", effects, Effect)
         self.pipeline = None if isinstance(target, torch.nn.Module) else target
         self.denoisers = denoisers_of(target)
+        check_single_install(self.effects, installed_effects(self.denoisers))
         self._geometries = [geometry_of(d, self.pipeline, vae_scale=vae_scale, native_size=native_size)
                             for d in self.denoisers]
         for denoiser, geometry in zip(self.denoisers, self._geometries):
             check_effects(self.effects, geometry.family, geometry.token_scale, site_heads(denoiser))
+            check_parallel(denoiser, [(spec.module, any(e.applies(spec.site) for e in self.effects))
+                                      for spec in attention_sites(denoiser)])
         self._explicit_geometry = vae_scale is not None or native_size is not None
         self.strict = strict
         self.sites = []
@@ -148,7 +154,8 @@ class Session:
         self.installed = False
 
     def _restore(self) -> None:
-        for module, previous, _ in reversed(self._swapped):
+        for module, previous, ours in reversed(self._swapped):
+            keep_settings(ours, previous)
             module.set_processor(previous)
         self._swapped.clear()
         while self._prepared:
@@ -183,6 +190,30 @@ class Session:
         for s in self.states:
             stack.enter_context(s.roles_for(roles))
         return stack
+
+
+#: processor attributes diffusers changes in place (`set_attention_backend`, `enable_parallelism`)
+RUNTIME_SETTINGS = ("_attention_backend", "_parallel_config")
+
+
+def keep_settings(current, restored) -> None:
+    """Hand the processor being put back the backend and parallel configuration the model has now (set on
+    `current` during the session), so that both survive the session's removal."""
+    for name in RUNTIME_SETTINGS:
+        if hasattr(current, name) and hasattr(restored, name):
+            value = getattr(current, name)
+            if getattr(restored, name) is not value:
+                setattr(restored, name, value)
+
+
+def installed_effects(denoisers) -> list:
+    """The effects attnlab processors already carry on these denoisers (enclosing sessions), each once."""
+    found: dict[int, object] = {}
+    for denoiser in denoisers:
+        for processor in denoiser.attn_processors.values():
+            if isinstance(processor, _HostProcessor):
+                found.update((id(e), e) for e in processor.stack.effects)
+    return list(found.values())
 
 
 def apply(target, effects: Sequence, **options) -> Session:
