@@ -104,6 +104,22 @@ def _torch_dtype(dtype):
     return getattr(torch, dtype)
 
 
+class OnModel:
+    """For holders of a `model: LoadedModel` (the demo's store entries, the bench): its pipe, family and size."""
+
+    @property
+    def pipe(self):
+        return self.model.pipe
+
+    @property
+    def family(self) -> str:
+        return self.model.family
+
+    @property
+    def native(self) -> tuple[int, int]:
+        return self.model.size
+
+
 @dataclass
 class LoadedModel:
     """A pipeline with the defaults it works with.

@@ -18,7 +18,7 @@ import torch
 from PIL import Image
 
 from ..images import frames_of
-from ..loading import LoadedModel, load_model
+from ..loading import LoadedModel, OnModel, load_model
 
 Progress = Callable[[float, str], None]
 
@@ -39,21 +39,9 @@ def embedded_models() -> list[str]:
 
 
 @dataclass
-class Loaded:
+class Loaded(OnModel):
     model: LoadedModel
     lock: threading.Lock
-
-    @property
-    def pipe(self):
-        return self.model.pipe
-
-    @property
-    def family(self) -> str:
-        return self.model.family
-
-    @property
-    def native(self) -> tuple[int, int]:
-        return self.model.size
 
 
 class ModelStore:

@@ -33,7 +33,7 @@ import torch
 from PIL import Image
 
 from .. import arguments as arg
-from ..loading import LoadedModel, load_model
+from ..loading import LoadedModel, OnModel, load_model
 from ..user_errors import run_reporting_user_errors
 from .parser import adherence, parse
 from .scenes import BACKGROUND_COLOURS, OBJECT_COLOURS, caption, ground_truth, render, sample_scene
@@ -45,24 +45,12 @@ REQUIRES = {"entropy": "pipelines.entropy", "softpag": "pipelines.softpag", "ref
 
 
 @dataclasses.dataclass
-class Bench:
+class Bench(OnModel):
     model: LoadedModel
     n: int
     steps: int
     seed: int
     progress: Optional[Callable[[str], None]] = None
-
-    @property
-    def pipe(self):
-        return self.model.pipe
-
-    @property
-    def family(self) -> str:
-        return self.model.family
-
-    @property
-    def native(self) -> tuple[int, int]:
-        return self.model.size
 
     @property
     def call_extras(self) -> dict:
