@@ -187,8 +187,44 @@ def softpag_pipeline(pipe, family, ready):
     return {"out": out.frames if family == "wan" else out.images}
 
 
-SCENARIOS.update(freeswim_pipeline=freeswim_pipeline, softpag_pipeline=softpag_pipeline)
-PIPELINES = ("freeswim_pipeline", "softpag_pipeline")
+def alignedgen_pipeline(pipe, family, ready):
+    from attnlab.pipelines.alignedgen import AlignedGenPipeline
+
+    aligned = AlignedGenPipeline.from_pipe(pipe, layers=ALL_LAYERS[family])
+    ready()
+    kw = call_kwargs(family)
+    kw.pop("prompt")
+    prompts = ["a red cat on a chair", "a blue dog in a garden"]
+    with torch.no_grad():
+        out = aligned(prompts, **kw)
+        plain = pipe(**call_kwargs(family, prompt=prompts))
+    out, plain = (o.frames if family == "wan" else o.images for o in (out, plain))
+    assert max_error(out[1:], plain[1:]) > 1e-4, "the shared attention does not change the second image"
+    return {"out": out}
+
+
+def eraser_pipeline(pipe, family, ready):
+    from attnlab.pipelines.eraser import AttentiveEraserPipeline
+
+    eraser = AttentiveEraserPipeline.from_pipe(pipe, sarg_scale=3.0, ss_steps=1, layers="L" + ALL_LAYERS[family])
+    ready()
+    image = torch.rand(1, 3, 64, 64, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        out = eraser(image, _mask(), prompt="a photo of a garden", num_inference_steps=3, output_type="latent",
+                     generator=torch.Generator().manual_seed(0), max_sequence_length=call_kwargs(family)[
+                         "max_sequence_length"])
+    assert eraser.hooks, "the SARG pass was not installed"
+    return {"out": out.images}
+
+
+SCENARIOS.update(freeswim_pipeline=freeswim_pipeline, softpag_pipeline=softpag_pipeline,
+                 alignedgen_pipeline=alignedgen_pipeline, eraser_pipeline=eraser_pipeline)
+PIPELINES = ("freeswim_pipeline", "softpag_pipeline", "alignedgen_pipeline", "eraser_pipeline")
+ONLY["eraser_pipeline"] = ("flux",)  # the Eraser runs on SD/SDXL/SD3/FLUX inpaint pipelines, not Wan
+
+
+def pipelines_for(family: str) -> list[str]:
+    return [n for n in PIPELINES if family in ONLY.get(n, (family,))]
 
 
 # --- HeadHunter across processes ----------------------------------------------------------------------------

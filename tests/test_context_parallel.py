@@ -15,7 +15,7 @@ import attnlab
 from attnlab.models.tiny import build_tiny_pipeline
 from attnlab.processors.entropy import EntropyScaling
 
-from cp_scenarios import PIPELINES, compare, names_for, refusal
+from cp_scenarios import compare, names_for, pipelines_for, refusal
 from cp_worker import launch
 
 pytestmark = [pytest.mark.cp,
@@ -47,7 +47,7 @@ def test_every_effect_exact_under_context_parallelism(family, mode):
 @pytest.mark.parametrize("mode", ["ulysses", "ring"])
 @pytest.mark.parametrize("family", ["flux", "wan"])
 def test_method_pipelines_under_context_parallelism(family, mode):
-    names = ["stock", *PIPELINES]
+    names = ["stock", *pipelines_for(family)]
     _check(launch(compare, 2, family, mode, names, ("after",)), names, ("after",))
 
 
