@@ -97,3 +97,28 @@ def test_headhunter_pipeline_across_processes_writes_one_result(tmp_path):
     assert results[0]["order"] == results[1]["order"] and len(results[0]["order"]) == 2
     assert (tmp_path / "hh" / "headset.json").is_file() and (tmp_path / "hh" / "state.json").is_file()
     assert (tmp_path / "hh" / "validation.png").is_file()
+
+
+def test_headhunter_cli_under_torchrun(tmp_path):
+    """The command docs/scale_out.md gives: `torchrun --nproc_per_node=2 -m attnlab.cli headhunter ...` (gloo on CPU)."""
+    import json
+    import os
+    import shutil
+    import subprocess
+    import sys
+
+    from cp_worker import free_port
+
+    torchrun = shutil.which("torchrun", path=os.path.dirname(sys.executable))
+    if torchrun is None:
+        pytest.skip("torchrun is not installed beside this Python")
+    out = tmp_path / "hh"
+    cmd = [torchrun, "--nproc_per_node=2", "--master_addr", "127.0.0.1", "--master_port", str(free_port()),
+           "-m", "attnlab.cli", "headhunter", "--model", "tiny-flux", "--steps", "2", "--rounds", "1", "--top-k", "1",
+           "--max-candidates", "4", "--threads", "1", "--out", str(out), "--quiet", "--no-validation"]
+    env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=240, env=env)
+    assert done.returncode == 0, done.stderr[-3000:]
+    state = json.loads((out / "state.json").read_text())
+    assert state["done"] is True and len(state["rounds"][0]["scores"]) == 4  # every candidate scored once, one file
+    assert (out / "headset.json").is_file()
