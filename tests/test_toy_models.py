@@ -178,3 +178,30 @@ def test_shipped_sd_model_keeps_its_prompt_adherence():
         assert got[key] >= floor, f"{key}: {got[key]:.3f} < {floor} on the fixed prompt set"
     assert res["vae_roundtrip"]["background_style"] >= 0.9 and res["vae_roundtrip"]["single_colour_only"] >= 0.95
     assert time.time() - t0 < 30
+
+
+@pytest.mark.skipif("sd" not in available_toy_models(), reason="models/toy/sd has no weights")
+def test_shape_diagnosis_probes_run_and_report_consistent_numbers():
+    from attnlab.toyworld.diagnose import WORD_ROLES, _word_roles, cross_attention_shares, sdedit, shape_words
+    from attnlab.toyworld.scenes import SHAPES
+
+    scene = sample_scene(500_000, n_objects=1)
+    obj = scene.objects[0]
+    tokens = [f"{w}</w>" for w in caption(scene).split()] + ["<|endoftext|>"]
+    roles = _word_roles(tokens, obj)
+    assert roles.count("shape") == 1 and roles.count("colour") == 1 and roles[-1] == "end token"
+    assert roles[tokens.index(f"{obj.shape}</w>")] == "shape" and "background words" in roles
+
+    pipe = load_toy_pipeline("sd")
+    scenes = [sample_scene(500_000 + i, n_objects=1) for i in range(2)]
+    kw = toy_call_kwargs("sd", num_inference_steps=4)
+    words = shape_words(pipe, scenes, kw, log=lambda *_: None)
+    assert sum(sum(row.values()) for row in words["confusion"].values()) == 4 * len(scenes)
+    assert set(words["confusion"]) == set(SHAPES) and 0 <= words["shape_read_as_prompted"] <= 1
+    assert words["pixel_change_shape_word"] > 0 and words["pixel_change_other_scene"] > 0
+    edits = sdedit(pipe, scenes, kw, strengths=(0.5,), log=lambda *_: None)
+    assert set(edits) == {"0.5"} and 0 <= edits["0.5"] <= 1
+    shares = cross_attention_shares(pipe, scenes)
+    assert 5 <= len(shares) <= 7 and all(name.endswith("attn2") for name in shares)  # 3x3 grids may hold no object cell
+    for per_role in shares.values():  # the text softmax sums to one over the caption's words and the padding
+        assert set(per_role) == set(WORD_ROLES) and 0.95 <= sum(per_role.values()) <= 1.0 + 1e-5
