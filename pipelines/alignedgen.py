@@ -27,12 +27,11 @@ import torch
 from ..processors.alignedgen import AlignedGen
 from ..processors.tracing import compiling
 from ..processors.host_diffusers import Session
-from ..processors.host_diffusers.model_info import family_of, unwrap
-from ..processors.host_diffusers.session import denoiser_names
+from ..processors.host_diffusers.model_info import unwrap
 from ..processors.effects import Effect
 from ..processors.params import InvalidParameter, ParameterTypeError, choice, effect_list, integer, text
 from .inputs import check_call_args
-from .wrapper import PipelineWrapper, refuse_nesting, unet_conditioning
+from .wrapper import PipelineWrapper, unet_conditioning
 
 STYLE_FAMILIES = ("flux", "unet", "sd3", "pixart")
 _PIL_MODES = ("RGB", "RGBA", "L", "LA", "P", "PA", "CMYK", "YCbCr", "RGBX")
@@ -144,12 +143,7 @@ class AlignedGenPipeline(PipelineWrapper):
     def __init__(self, pipe, *, layers=None, steps=None, adain: str = "qk", scale: Optional[float] = None,
                  schedule: str = "fix", shift="auto", shift_axis: str = "width", ref_frames="all",
                  effects: Sequence = (), **session_options):
-        refuse_nesting(self, pipe)
-        self.pipe = pipe
-        self.names = denoiser_names(pipe)
-        if not self.names:
-            raise ValueError(f"{type(pipe).__name__} has no unet/transformer; pass a diffusers pipeline")
-        self.family = family_of(getattr(pipe, self.names[0]))
+        self._wrap(pipe)
         self.effect = AlignedGen(layers=layers, steps=steps, adain=adain, scale=scale, schedule=schedule,
                                  shift=shift, shift_axis=shift_axis, ref_frames=ref_frames)
         self.extra_effects = effect_list("effects", effects, Effect)

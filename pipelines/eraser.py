@@ -48,11 +48,9 @@ from ..processors.eraser import MAX_DILATE_PX, REDIRECTED, AttentiveEraser, as_m
 from ..processors.params import InvalidParameter, choice, number
 from ..processors.softpag import MAX_GUIDANCE_SCALE
 from ..processors.host_diffusers import Session
-from ..processors.host_diffusers.session import denoiser_names
 from .inputs import check_call_args, check_size_multiple, rgb_images
-from .wrapper import PipelineWrapper, refuse_nesting, unet_conditioning
+from .wrapper import PipelineWrapper, unet_conditioning
 from ..processors.host_diffusers.guidance import GuidancePass, cfg_scales, guided
-from ..processors.host_diffusers.model_info import family_of
 
 logger = logging.getLogger("attnlab")
 
@@ -119,8 +117,7 @@ class AttentiveEraserPipeline(PipelineWrapper):
     def __init__(self, pipe, sarg_scale: float = 9.0, ss_scale: float = 0.3, ss_steps: int = 9, layers=None,
                  dilate_px: Optional[float] = None, mode: str = "sip", *, start_step: int = 0,
                  kernel: str = "gather", mask_text_queries: bool = True, **session_options):
-        refuse_nesting(self, pipe)
-        self.pipe = pipe
+        denoiser = self._wrap(pipe)
         self.mode = choice("mode", mode, MODES)
         # s beyond ~100 only amplifies the extra pass's difference into saturated or NaN images
         self.sarg_scale = number("sarg_scale", sarg_scale, 0.0, MAX_SARG_SCALE)
@@ -128,11 +125,6 @@ class AttentiveEraserPipeline(PipelineWrapper):
         self.options = dict(ss_scale=ss_scale, ss_steps=ss_steps, start_step=start_step, layers=layers,
                             kernel=kernel, mask_text_queries=mask_text_queries)
         self.session_options = session_options
-        self.names = denoiser_names(pipe)
-        if not self.names:
-            raise ValueError(f"{type(pipe).__name__} has no unet/transformer; pass a diffusers pipeline")
-        denoiser = getattr(pipe, self.names[0])
-        self.family = family_of(denoiser)
         cls = _inpaint_class(pipe)
         in_ch = getattr(denoiser.config, "in_channels", None)
         if self.family == "unet" and mode == "sip" and in_ch not in (None, 4):

@@ -22,13 +22,12 @@ from typing import Optional, Sequence
 
 from ..processors.headsets import HeadSet
 from ..processors.host_diffusers import Session
-from ..processors.host_diffusers.session import denoiser_names
 from ..processors.effects import Effect
 from ..processors.params import InvalidParameter, boolean, effect_list, number
 from .inputs import check_call_args
-from .wrapper import PipelineWrapper, refuse_nesting, refuse_second_guidance
+from .wrapper import PipelineWrapper, refuse_second_guidance
 from ..processors.host_diffusers.guidance import GuidancePass, cfg_scales, guided
-from ..processors.host_diffusers.model_info import attention_sites, family_of
+from ..processors.host_diffusers.model_info import attention_sites
 from ..processors.presets import load_preset, preset_options
 from ..processors.softpag import MAX_GUIDANCE_SCALE, GuidanceSchedule, SoftPAG
 
@@ -55,12 +54,7 @@ class SoftPAGPipeline(PipelineWrapper):
                  dual_attention: bool = False, start: float = 0.0, end: float = 1.0,
                  sigma_min: Optional[float] = None, sigma_max: Optional[float] = None, adaptive_scale: float = 0.0,
                  batched: bool = False, effects: Sequence = (), **session_options):
-        refuse_nesting(self, pipe)
-        self.pipe = pipe
-        self.names = denoiser_names(pipe)
-        if not self.names:
-            raise ValueError(f"{type(pipe).__name__} has no unet/transformer; pass a diffusers pipeline")
-        self.family = family_of(getattr(pipe, self.names[0]))
+        self._wrap(pipe)
         if scale is not None:  # beyond ~100 the guidance term only saturates the image (or turns it into NaN)
             scale = number("scale", scale, 0.0, MAX_GUIDANCE_SCALE)
         self.extra_effects = effect_list("effects", effects, Effect)

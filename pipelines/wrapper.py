@@ -19,6 +19,21 @@ class PipelineWrapper:
             raise AttributeError(name)
         return getattr(self.pipe, name)
 
+    def _wrap(self, pipe):
+        """Set-up every wrapper shares: refuse a wrapped wrapper, keep `pipe`, find its denoiser(s) (`names`) and
+        their family; returns the first denoiser."""
+        from ..processors.host_diffusers.model_info import family_of
+        from ..processors.host_diffusers.session import denoiser_names
+
+        refuse_nesting(self, pipe)
+        self.pipe = pipe
+        self.names = denoiser_names(pipe)
+        if not self.names:
+            raise ValueError(f"{type(pipe).__name__} has no unet/transformer; pass a diffusers pipeline")
+        denoiser = getattr(pipe, self.names[0])
+        self.family = family_of(denoiser)
+        return denoiser
+
     @property
     def extra_passes(self) -> int:
         """Extra forwards run by the last call (one per step where guidance was active, per denoiser)."""
