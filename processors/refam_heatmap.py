@@ -93,8 +93,13 @@ def aggregate(recorded: Mapping, columns: Sequence[int], words: Sequence[tuple[s
 
 
 def gaussian_blur(x: torch.Tensor, sigma: float) -> torch.Tensor:
-    """Separable Gaussian blur of [F, H, W] with std `sigma` pixels (reflect padding)."""
-    radius = max(1, int(3 * sigma + 0.5))
+    """Separable Gaussian blur of [F, H, W] with std `sigma` pixels (reflect padding).
+
+    The kernel is cut at the image's size: reflect padding must stay under each side (a map read from a coarse
+    grid, e.g. toy-sd's 3x3 mid block, asks for a blur of a whole image's width)."""
+    if min(x.shape[-2:]) < 2:
+        return x
+    radius = min(max(1, int(3 * sigma + 0.5)), x.shape[-1] - 1, x.shape[-2] - 1)
     t = torch.arange(-radius, radius + 1, dtype=x.dtype, device=x.device)
     k = torch.exp(-0.5 * (t / sigma) ** 2)
     k = k / k.sum()

@@ -271,3 +271,20 @@ def test_sam_prompts_with_the_peak_and_picks_the_mask_with_most_heat():
     assert x0 <= 50 < x1 and y0 <= 20 < y1
     with pytest.raises(ValueError, match="set_image"):
         sam_mask(object(), image, heat)
+
+
+def test_blur_wider_than_the_image_is_cut_at_its_size():
+    # `attnlab refam --model toy-sd --layers 2` (a 3x3 grid upsampled to 48 px) asked for a 48-px reflect pad
+    from attnlab.processors.refam_heatmap import gaussian_blur
+
+    x = torch.zeros(1, 48, 48)
+    x[0, 10, 30] = 1.0
+    y = gaussian_blur(x, 16.0)
+    assert y.shape == x.shape and torch.isfinite(y).all() and 0 < float(y.max()) < 1
+    assert torch.equal(gaussian_blur(torch.ones(1, 1, 5), 2.0), torch.ones(1, 1, 5))  # nothing to reflect
+    small = gaussian_blur(x, 0.5)  # an ordinary blur is unchanged by the cut
+    radius = 2
+    t = torch.arange(-radius, radius + 1, dtype=x.dtype)
+    k = torch.exp(-0.5 * (t / 0.5) ** 2)
+    k = k / k.sum()
+    assert torch.allclose(small[0, 8:13, 28:33], torch.outer(k, k), atol=1e-7)
