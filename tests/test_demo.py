@@ -189,7 +189,7 @@ def test_every_tab_in_a_real_browser(server):
         from playwright.sync_api import expect
 
         expect(page.locator("#sp-heads input")).not_to_have_value("", timeout=60_000)
-        page.fill("#sp-prompt textarea", "a green triangle")
+        page.fill("#sp-prompt textarea", "a large green triangle on a plain white background")
         page.click("#sp-run")
         _wait_value(page, "#sp-info textarea", "extra forwards")
         assert page.locator("#sp-0 img").count() == 1 and page.locator("#sp-1 img").count() == 1
