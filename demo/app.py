@@ -16,7 +16,7 @@ INTRO = ("Every tab runs a method of the pack off and on with the same seed. The
          "trained by the pack on its synthetic toy world (coloured shapes on patterned backgrounds, 48 px): "
          "prompts in that world's grammar work best, e.g. *a large red star on a plain white background*. "
          "It gets the object colour right and the shape about half the time (one object: colour 100 %, "
-         "colour and shape 44.5 % of held-out prompts; two objects both right 22 %); *toy-flux* is its FLUX-architecture sibling. The *tiny-** models have random weights (plumbing only). Type a local diffusers folder (or a hub "
+         "colour and shape 53 % of held-out prompts; two objects both right 26.5 %); *toy-flux* is its FLUX-architecture sibling. The *tiny-** models have random weights (plumbing only). Type a local diffusers folder (or a hub "
          "id, with internet) for real models.")
 
 
