@@ -3,6 +3,8 @@ not define to it, and counts the extra guidance forwards of its last call."""
 
 from __future__ import annotations
 
+from ..processors.host_diffusers.model_info import family_of
+from ..processors.host_diffusers.session import denoiser_names
 from ..processors.params import InvalidParameter, ParameterTypeError
 
 
@@ -22,9 +24,6 @@ class PipelineWrapper:
     def _wrap(self, pipe):
         """Set-up every wrapper shares: refuse a wrapped wrapper, keep `pipe`, find its denoiser(s) (`names`) and
         their family; returns the first denoiser."""
-        from ..processors.host_diffusers.model_info import family_of
-        from ..processors.host_diffusers.session import denoiser_names
-
         refuse_nesting(self, pipe)
         self.pipe = pipe
         self.names = denoiser_names(pipe)
