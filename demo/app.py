@@ -109,7 +109,9 @@ def build_app(store: runs.ModelStore | None = None):
         with gr.Tab("Attentive Eraser", elem_id="tab-eraser"):
             with gr.Row():
                 with gr.Column():
-                    er_editor = gr.ImageMask(type="numpy", label="Paint over the object to remove", elem_id="er-editor")
+                    er_editor = gr.ImageMask(type="numpy", label="Paint over the object to remove", elem_id="er-editor",
+                                             canvas_size=(64, 64),
+                                             brush=gr.Brush(default_size=4, colors=["#ff3366"], color_mode="fixed"))
                     with gr.Row():
                         er_seed_scene = gr.Number(1, precision=0, label="Scene seed")
                         er_scene = gr.Button("Load a toy scene", elem_id="er-scene")
@@ -172,8 +174,7 @@ def build_app(store: runs.ModelStore | None = None):
 
         @_ui_errors
         def eraser_scene(seed):
-            img, _ = runs.toy_scene(seed)
-            return {"background": img, "layers": [], "composite": img}
+            return runs.eraser_scene(seed)
 
         @_ui_errors
         def eraser(name, editor, scale, steps, seed, progress=gr.Progress()):

@@ -208,6 +208,27 @@ def run_refam(store: ModelStore, model: str, image, expression: str, noise: floa
 
 # --- Attentive Eraser ------------------------------------------------------------------------------
 
+MASK_RGBA = (255, 51, 102, 180)  # the painted-over colour of the Eraser tab's mask layer
+
+
+def eraser_scene(seed: int, size: int = 64, margin: int = 2) -> dict:
+    """A two-object toy scene for the Eraser tab as an ImageMask value, its first object already painted over
+    (its mask grown by ``margin`` pixels, as a careful stroke would be), so Erase shows the effect at once."""
+    from ..toyworld.scenes import ground_truth, render, sample_scene
+
+    scene = sample_scene(int(seed), n_objects=2)
+    image = np.asarray(render(scene, size).convert("RGB"))
+    mask = ground_truth(scene, size)[0]["mask"]
+    if margin > 0:
+        grown = torch.nn.functional.max_pool2d(torch.from_numpy(mask)[None, None].float(), 2 * margin + 1, 1, margin)
+        mask = grown[0, 0].numpy() > 0
+    layer = np.zeros((size, size, 4), np.uint8)
+    layer[mask] = MASK_RGBA
+    alpha = layer[..., 3:].astype(np.float32) / 255.0
+    composite = (image * (1 - alpha) + layer[..., :3] * alpha).astype(np.uint8)
+    return {"background": image, "layers": [layer], "composite": composite}
+
+
 def editor_mask(value) -> tuple[Image.Image, Image.Image]:
     """(image, mask) from a Gradio ImageMask value: the background and the union of the painted layers' alpha."""
     if value is None or value.get("background") is None:

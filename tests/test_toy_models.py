@@ -109,6 +109,35 @@ def test_training_smoke_saves_resumes_and_reloads(arch, tmp_path):
     assert time.time() - t0 < 20
 
 
+def test_decoder_tuning_moves_only_the_decoder(tmp_path):
+    """toyworld.decoder_tune: the decoder learns from the denoiser's own latents; encoder, UNet and text encoder
+    (the latent space and everything that reads it) stay bit-identical, and the copy loads and generates."""
+    from safetensors.torch import load_file
+
+    from attnlab.toyworld.decoder_tune import tune_decoder
+
+    base = tmp_path / "model"
+    train("sd", base, steps=2, vae_steps=2, vae_batch=4, batch=4, size=32, tiny=True, state_dir=tmp_path / "state",
+          ckpt_every=2, threads=1)
+    run = tune_decoder(base, tmp_path / "tuned", steps=2, batch=4, lr=1e-2, t_max=200, threads=1, log_every=100)
+    assert np.isfinite(run["final_loss_avg"])
+
+    def weights(folder, part):
+        return load_file(str(next((folder / part).glob("*.safetensors"))))
+
+    for part in ("unet", "text_encoder"):
+        a, b = weights(base, part), weights(tmp_path / "tuned", part)
+        assert all(torch.equal(a[k], b[k]) for k in a)
+    a, b = weights(base, "vae"), weights(tmp_path / "tuned", "vae")
+    assert all(torch.equal(a[k], b[k]) for k in a if not k.startswith(("decoder.", "post_quant_conv.")))
+    assert any(not torch.equal(a[k], b[k]) for k in a if k.startswith("decoder."))
+    info = json.loads((tmp_path / "tuned" / "training.json").read_text())
+    assert info["decoder_tune"][-1]["steps"] == 2 and info["steps_done"] == 2
+    img = load_toy_pipeline("sd", path=tmp_path / "tuned")("a small blue star on a plain gray background", height=32,
+                                                            width=32, num_inference_steps=2).images[0]
+    assert img.size == (32, 32)
+
+
 @pytest.mark.skipif("sd" not in available_toy_models(), reason="models/toy/sd has no weights")
 def test_evaluate_scores_generated_strict_vae_and_clean():
     from attnlab.toyworld.evaluate import evaluate, format_table

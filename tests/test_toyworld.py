@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 
 from attnlab.toyworld import (BACKGROUND_STYLES, OBJECT_COLOURS, SHAPES, Background, Scene, SceneObject, adherence,
-                              caption, ground_truth, parse, referring_expressions, render, resolve, sample_scene)
+                              caption, ground_truth, parse, referring_expressions, render, resolve, sample_scene,
+                              without_background)
 
 SIZES_PX = (64, 128)
 
@@ -98,6 +99,9 @@ def test_caption_grammar():
     assert caption(one) == "a large yellow square on a black background with white dots"
     grad = Scene((SceneObject("square", "yellow", "large", 0.5, 0.5),), Background("gradient", ("navy", "white")))
     assert caption(grad).endswith("on a navy to white gradient background")
+    assert without_background(caption(scene)) == "a small red circle left of a large blue square"
+    assert without_background(caption(above)) == "a medium green star above a small pink triangle and a small cyan circle"
+    assert without_background("a large yellow square") == "a large yellow square"
 
 
 def test_referring_expressions_unique():

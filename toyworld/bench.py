@@ -36,7 +36,8 @@ from .. import arguments as arg
 from ..loading import LoadedModel, OnModel, load_model
 from ..user_errors import run_reporting_user_errors
 from .parser import adherence, parse
-from .scenes import BACKGROUND_COLOURS, OBJECT_COLOURS, caption, ground_truth, render, sample_scene
+from .scenes import (BACKGROUND_COLOURS, OBJECT_COLOURS, caption, ground_truth, render, sample_scene,
+                     without_background)
 
 HELD_OUT = 10_000
 METHODS = ("entropy", "softpag", "refam", "eraser", "alignedgen", "freeswim")
@@ -189,11 +190,6 @@ def bench_eraser(b: Bench) -> list[dict]:
                  np.mean(psnr["on"]), len(scenes))]
 
 
-def _objects_only(scene) -> str:
-    """The caption without its background clause: the background (the "style") is left to the model."""
-    return caption(scene).rsplit(" on ", 1)[0]
-
-
 def bench_alignedgen(b: Bench) -> list[dict]:
     from ..pipelines.alignedgen import AlignedGenPipeline
 
@@ -202,7 +198,7 @@ def bench_alignedgen(b: Bench) -> list[dict]:
     agree, adh = {"off": [], "on": []}, {"off": [], "on": []}
     for i in range(b.n):
         scenes = [sample_scene(HELD_OUT + b.seed + i * batch + j) for j in range(batch)]
-        prompts = [_objects_only(sc) for sc in scenes]
+        prompts = [without_background(caption(sc)) for sc in scenes]  # the style left to the model
         for name, runner in (("off", b.pipe), ("on", aligned)):
             kw = dict(prompt=prompts, height=b.native[0], width=b.native[1], num_inference_steps=b.steps,
                       generator=torch.Generator().manual_seed(i), **b.call_extras)

@@ -344,6 +344,11 @@ def caption(scene: Scene) -> str:
     return f"{text} on {describe_background(scene.background)}"
 
 
+def without_background(text: str) -> str:
+    """A caption without its " on <background>" clause: the objects only, the background left to the model."""
+    return text.rsplit(" on ", 1)[0]
+
+
 _SUPERLATIVES = {"leftmost": (0, min), "rightmost": (0, max), "topmost": (1, min), "bottommost": (1, max)}
 _ORDINALS = ("first", "second", "third", "fourth")
 _GAP = 0.04  # spatial words are only used when the winner leads by at least this much

@@ -48,7 +48,7 @@ import torch
 
 from .models import _training_info, load_toy_pipeline
 from .scenes import (BACKGROUND_COLOURS, OBJECT_COLOURS, SHAPES, SIZES, STYLE_WORDS, caption, render_array,
-                     sample_scene)
+                     sample_scene, without_background)
 
 TRAIN_SEED_BASE = 1_000_000
 N_OBJECTS = (1, 2, 3, 4)
@@ -190,6 +190,7 @@ class Recipe:
     flux_blocks: tuple = (2, 4)  # double, single
     text_width: int = 128
     caption_dropout: float = CAPTION_DROPOUT
+    background_dropout: float = 0.0  # share of captions without their background clause (the model picks one)
     ema_decay: float = 0.999
     curriculum_steps: int = 1500  # the first N steps draw 1-2 object scenes only (CURRICULUM_P)
     zero_snr: bool = False  # SD: betas rescaled to zero terminal SNR (v-prediction)
@@ -215,7 +216,9 @@ RECIPE_HELP = {
     "object_weight": "SD: denoiser loss weight on latent cells that hold object pixels (1 = off)",
     "unet_blocks": "UNet channels per level, multiples of 32 (e.g. 32,64,128)",
     "flux_blocks": "FLUX double,single block counts", "text_width": "text encoder width",
-    "caption_dropout": "share of empty captions (for classifier-free guidance)", "ema_decay": "EMA decay",
+    "caption_dropout": "share of empty captions (for classifier-free guidance)",
+    "background_dropout": "share of captions without their background clause (prompts that leave the style to "
+                          "the model, as AlignedGen's targets do)", "ema_decay": "EMA decay",
     "curriculum_steps": "first N steps on one- and two-object scenes only", "zero_snr": "SD: zero terminal SNR betas",
     "decoder_every": "one VAE-decoder step every N denoiser steps (0: none)",
     "decoder_noise": "latent noise for the decoder steps", "seed": "random seed",
@@ -527,6 +530,9 @@ def train_denoiser(arch: str, comps: dict, recipe: Recipe, *, device: str, state
         gen.manual_seed(seed * 1_000_003 + step)
         drop = torch.rand(batch, generator=gen) < r.caption_dropout
         caps = ["" if d else c for d, c in zip(drop.tolist(), caps)]
+        if r.background_dropout > 0:  # drawn only when on: older recipes keep their random stream
+            bare = torch.rand(batch, generator=gen) < r.background_dropout
+            caps = [without_background(c) if b else c for b, c in zip(bare.tolist(), caps)]
         with torch.no_grad():
             post = vae.encode(x.to(device)).latent_dist
             z = post.mean + post.std * torch.randn(post.mean.shape, generator=gen).to(device)

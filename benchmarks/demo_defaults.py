@@ -1,0 +1,139 @@
+"""Choose the demo's default inputs by measurement: run each tab's own function (demo/runs.py) on candidate inputs
+and score its off/on pair with the toy-world parser, so a first-time user's first click shows the method's effect.
+
+    HF_HUB_OFFLINE=1 python benchmarks/demo_defaults.py [--model toy-sd] [--n 8] [--tabs softpag,eraser,...]
+
+Candidates are captions / scenes of VALIDATION seeds (500 000…), never the evaluation's or the bench's. A demo
+default is one example picked from these; what a method does on average is `attnlab bench` (docs/toyworld.md).
+Writes benchmarks/results/demo_defaults.json.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+from pathlib import Path
+
+import numpy as np
+
+from attnlab.demo import runs
+from attnlab.toyworld.parser import adherence, parse
+from attnlab.toyworld.scenes import (OBJECT_COLOURS, caption, ground_truth, referring_expressions, render,
+                                     sample_scene)
+
+SEED_BASE = 500_000
+OUT = Path(__file__).resolve().parent / "results" / "demo_defaults.json"
+
+
+def _adh(img, scene) -> float:
+    return adherence(parse(img), scene)["object_rate"]
+
+
+def softpag(store, model, n):
+    rows = []
+    for k in range(n):
+        scene = sample_scene(SEED_BASE + k, n_objects=1)
+        off, on, _ = runs.run_softpag(store, model, caption(scene), "", 3.0, 1.0, 20, 0)
+        rows.append({"prompt": caption(scene), "off": _adh(off, scene), "on": _adh(on, scene)})
+    return rows
+
+
+def entropy(store, model, n):
+    rows = []
+    for k in range(n):
+        scene = sample_scene(SEED_BASE + 100 + k, n_objects=1)
+        off, on, _ = runs.run_entropy(store, model, caption(scene), 2.0, 20, 0)
+        rows.append({"prompt": caption(scene), "off": _adh(off, scene), "on": _adh(on, scene)})
+    return rows
+
+
+def freeswim(store, model, n):
+    rows = []
+    for k in range(n):
+        scene = sample_scene(SEED_BASE + 200 + k, n_objects=2)
+        direct, swum, _ = runs.run_freeswim(store, model, caption(scene), 2.0, 20, 0)
+        row = {"prompt": caption(scene)}
+        for name, img in (("off", direct), ("on", swum)):
+            parsed = parse(img)
+            row[f"{name}_duplicates"] = max(0, len(parsed.objects) - len(scene.objects))
+            row[name] = adherence(parsed, scene)["object_rate"]
+        rows.append(row)
+    return rows
+
+
+def alignedgen(store, model, n):
+    rows = []
+    for k in range(n):
+        scenes = [sample_scene(SEED_BASE + 300 + 3 * k + j, n_objects=1) for j in range(3)]
+        prompts = [caption(scenes[0])] + [caption(sc).rsplit(" on ", 1)[0] for sc in scenes[1:]]
+        plain, aligned, _ = runs.run_alignedgen(store, model, "\n".join(prompts), 20, 0)
+        row = {"prompts": prompts}
+        for name, items in (("off", plain), ("on", aligned)):
+            parsed = [parse(img) for img, _ in items]
+            ref = scenes[0].background
+            row[name] = float(np.mean([p.background.style == ref.style and set(p.background.colours) == set(ref.colours)
+                                       for p in parsed[1:]]))
+            row[f"{name}_adherence"] = float(np.mean([adherence(p, sc)["object_rate"]
+                                                      for p, sc in zip(parsed, scenes)]))
+        rows.append(row)
+    return rows
+
+
+def eraser(store, model, n):
+    rows = []
+    palette = np.array(list(OBJECT_COLOURS.values()), np.float64)
+    for k in range(n):
+        seed = SEED_BASE + 400 + k
+        value = runs.eraser_scene(seed)
+        scene = sample_scene(seed, n_objects=2)
+        inp, before, after, _ = runs.run_eraser(store, model, value, 9.0, 20, 0)
+        size = inp.size[0]
+        truth = ground_truth(scene, size)[0]["mask"]
+        clean = np.asarray(render(dataclasses.replace(scene, objects=scene.objects[1:]), size), np.float64)
+        colour = np.array(OBJECT_COLOURS[scene.objects[0].colour], np.float64)
+        row = {"scene_seed": seed}
+        for name, img in (("off", before), ("on", after)):
+            px = np.asarray(img.convert("RGB").resize((size, size)), np.float64)
+            nearest = np.linalg.norm(px[truth][:, None] - palette, axis=-1).argmin(-1)
+            row[f"{name}_leakage"] = float(np.mean(np.all(palette[nearest] == colour, axis=-1)))
+            row[name] = float(np.abs(px[truth] - clean[truth]).mean())  # mean abs error in the mask (lower = better)
+        rows.append(row)
+    return rows
+
+
+def refam(store, model, n):
+    rows = []
+    for k in range(n):
+        seed = SEED_BASE + 500 + k
+        img, expr = runs.toy_scene(seed)
+        overlay, mask, heat, _ = runs.run_refam(store, model, img, expr, 0.5, "drop")
+        scene = sample_scene(seed)
+        target = ground_truth(scene, img.size[0])[referring_expressions(scene)[0]["target"]]["mask"]
+        pred = np.asarray(mask.resize(img.size)) > 127
+        rows.append({"scene_seed": seed, "expression": expr,
+                     "on": float((pred & target).sum() / max(1, (pred | target).sum()))})
+    return rows
+
+
+TABS = {"softpag": softpag, "entropy": entropy, "freeswim": freeswim, "alignedgen": alignedgen, "eraser": eraser,
+        "refam": refam}
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--model", default="toy-sd")
+    ap.add_argument("--n", type=int, default=8, help="candidates per tab")
+    ap.add_argument("--tabs", default=",".join(TABS))
+    a = ap.parse_args(argv)
+    store = runs.ModelStore()
+    res = json.loads(OUT.read_text()) if OUT.exists() else {}
+    for tab in a.tabs.split(","):
+        rows = TABS[tab](store, a.model, a.n)
+        res[tab] = {"model": a.model, "rows": rows}
+        for r in rows:
+            print(tab, {k: (round(v, 3) if isinstance(v, float) else v) for k, v in r.items()}, flush=True)
+        OUT.write_text(json.dumps(res, indent=1) + "\n")
+
+
+if __name__ == "__main__":
+    main()
