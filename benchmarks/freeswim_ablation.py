@@ -4,7 +4,8 @@ never the bench's 10 000… or the evaluation's 0-199), two-object captions at 2
     HF_HUB_OFFLINE=1 python benchmarks/freeswim_ablation.py [--model toy-sd] [--n 16] [--strengths 0.7,0.5,0.3]
 
 Rows: direct sampling at the target size; stage 1 alone (native size, upsampled); stage 2 as plain img2img (no
-FreeSwim attention) and with FreeSwim, at each stage-2 strength. Metrics as `attnlab bench`: duplicated objects
+FreeSwim attention) and with FreeSwim, at each stage-2 strength; at the first strength also FreeSwim's window branch
+alone (no full-view cross-attention override) and a 1.5× window. Metrics as `attnlab bench`: duplicated objects
 (parsed objects beyond the caption's) and object adherence.
 """
 from __future__ import annotations
@@ -42,9 +43,14 @@ def main(argv=None):
     a = ap.parse_args(argv)
     model = load_model(a.model, "cpu")
     pipe, extras = model.pipe, model.call_kwargs
-    h, w = (2 * s for s in model.native)
+    h, w = (2 * s for s in model.size)
     strengths = [float(s) for s in a.strengths.split(",")]
     swims = {s: FreeSwimPipeline.from_pipe(pipe, strength=s) for s in strengths}
+    # at the first strength: the window branch alone (the full-view cross-attention override never runs), and a
+    # wider window
+    variants = {"window only, no full-view override": dict(override_steps=(1.0, 1.0)),
+                "window_scale 1.5": dict(window_scale=1.5)}
+    variant_swims = {name: FreeSwimPipeline.from_pipe(pipe, strength=strengths[0], **kw) for name, kw in variants.items()}
     scores: dict[str, dict[str, list]] = {}
 
     def score(name, img, scene):
@@ -64,14 +70,17 @@ def main(argv=None):
                 if s == strengths[0]:
                     score("stage 1 alone (upsampled)", swim.last_base[0], scene)
                 g = gen()  # stage 1 then stage 2 on one generator, as FreeSwimPipeline draws them
-                base = pipe(height=model.native[0], width=model.native[1], generator=g, output_type="pt", **kw).images
+                base = pipe(height=model.size[0], width=model.size[1], generator=g, output_type="pt", **kw).images
                 up = F.interpolate(base.float(), size=(h, w), mode="bilinear", align_corners=False).clamp(0, 1)
                 plain = swim.stage2(image=up, height=h, width=w, strength=s, generator=g, **kw)
                 score(f"plain img2img s={s:g}", plain.images[0], scene)
+            for name, swim in variant_swims.items():
+                score(f"FreeSwim s={strengths[0]:g}, {name}", swim(height=h, width=w, generator=gen(), **kw).images[0],
+                      scene)
         print(f"{i + 1}/{a.n}", flush=True)
     table = {name: {k: round(float(np.mean(v)), 3) for k, v in row.items()} for name, row in scores.items()}
     for name, row in table.items():
-        print(f"{name:28s} duplicates {row['duplicates']:.2f}  adherence {row['adherence']:.3f}")
+        print(f"{name:56s} duplicates {row['duplicates']:.2f}  adherence {row['adherence']:.3f}")
     OUT.parent.mkdir(parents=True, exist_ok=True)
     OUT.write_text(json.dumps({"model": a.model, "n": a.n, "steps": a.steps, "size": [w, h], "rows": table},
                               indent=1) + "\n")
