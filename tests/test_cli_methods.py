@@ -191,6 +191,7 @@ def test_refam_cli_eval_table(tmp_path, capsys):
     report = json.loads((out / "params.json").read_text())
     names = [r["variant"] for r in report["eval"]]
     assert names[0] == "default" and "no magnets" in names and all(0 <= r["mIoU"] <= 1 for r in report["eval"])
+    assert all(0 <= r["pointing"] <= 1 and 0 < r["pointing_chance"] < 1 for r in report["eval"])
     assert (out / "eval.md").read_text().startswith("| variant |")
 
 

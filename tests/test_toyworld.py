@@ -173,3 +173,18 @@ def test_adherence_detects_mismatch():
     blank = Scene((), Background("flat", ("white",)))
     parsed = parse(render(blank, 64))
     assert parsed.objects == [] and parsed.background.style == "flat" and parsed.background.colours == ("white",)
+
+
+def test_refam_pointing_reads_the_heatmap_peak_at_mask_size():
+    import torch
+
+    from attnlab.toyworld.refam_eval import pointing_hit
+
+    mask = torch.zeros(8, 8, dtype=torch.bool)
+    mask[4:8, 4:8] = True
+    heat = torch.zeros(4, 4)
+    heat[3, 3] = 1.0  # a coarser map: its peak upsampled lands in the bottom-right quarter
+    assert pointing_hit(heat, mask)
+    heat = torch.zeros(8, 8)
+    heat[0, 0] = 1.0
+    assert not pointing_hit(heat, mask)

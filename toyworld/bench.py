@@ -7,7 +7,7 @@ Prompts are captions of held-out scenes (seeds from 10 000 on); images are read 
 Metrics (off → on):
   entropy     object adherence (colour + shape present) and background style, at 0.5× and 2× the native size
   softpag     object adherence and sharpness (variance of the Laplacian) at the native size
-  refam       mIoU / oIoU of the referring-expression masks; off = the plain cross-attention map (no stop-word
+  refam       mIoU / oIoU of the referring-expression masks, pointing (heatmap peak on the target); off = the plain cross-attention map (no stop-word
               filtering, no magnets, no sink handling), on = RefAM
   eraser      object-colour leakage (share of mask pixels whose nearest palette colour, objects and backgrounds,
               is the removed object's colour) and PSNR inside
@@ -149,7 +149,9 @@ def bench_refam(b: Bench) -> list[dict]:
                                               variants=variants, **extras)}
     n = rows["on"]["expressions"]
     return [_row("refam", "mIoU", rows["off"]["mIoU"], rows["on"]["mIoU"], n),
-            _row("refam", "oIoU", rows["off"]["oIoU"], rows["on"]["oIoU"], n)]
+            _row("refam", "oIoU", rows["off"]["oIoU"], rows["on"]["oIoU"], n),
+            _row("refam", f"pointing: heatmap peak on the target (chance {rows['on']['pointing_chance']:.2f})",
+                 rows["off"]["pointing"], rows["on"]["pointing"], n)]
 
 
 def _psnr(a: np.ndarray, b: np.ndarray) -> float:
