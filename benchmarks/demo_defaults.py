@@ -29,22 +29,20 @@ def _adh(img, scene) -> float:
     return adherence(parse(img), scene)["object_rate"]
 
 
-def softpag(store, model, n):
-    rows = []
-    for k in range(n):
-        scene = sample_scene(SEED_BASE + k, n_objects=1)
-        off, on, _ = runs.run_softpag(store, model, caption(scene), "", 3.0, 1.0, 20, 0)
-        rows.append({"prompt": caption(scene), "off": _adh(off, scene), "on": _adh(on, scene)})
-    return rows
+def _one_object_tab(run, seed_offset):
+    """A tab that turns a one-object caption into an off/on pair: object adherence of each."""
+    def tab(store, model, n):
+        rows = []
+        for k in range(n):
+            scene = sample_scene(SEED_BASE + seed_offset + k, n_objects=1)
+            off, on, _ = run(store, model, caption(scene))
+            rows.append({"prompt": caption(scene), "off": _adh(off, scene), "on": _adh(on, scene)})
+        return rows
+    return tab
 
 
-def entropy(store, model, n):
-    rows = []
-    for k in range(n):
-        scene = sample_scene(SEED_BASE + 100 + k, n_objects=1)
-        off, on, _ = runs.run_entropy(store, model, caption(scene), 2.0, 20, 0)
-        rows.append({"prompt": caption(scene), "off": _adh(off, scene), "on": _adh(on, scene)})
-    return rows
+softpag = _one_object_tab(lambda store, model, prompt: runs.run_softpag(store, model, prompt, "", 3.0, 1.0, 20, 0), 0)
+entropy = _one_object_tab(lambda store, model, prompt: runs.run_entropy(store, model, prompt, 2.0, 20, 0), 100)
 
 
 def freeswim(store, model, n):

@@ -192,10 +192,12 @@ def bench_eraser(b: Bench) -> list[dict]:
                  np.mean(psnr["on"]), len(scenes))]
 
 
-def bench_alignedgen(b: Bench) -> list[dict]:
+def bench_alignedgen(b: Bench, options: Optional[dict] = None) -> list[dict]:
+    """options: AlignedGenPipeline options (None: its defaults, as the bench runs it; benchmarks/alignedgen_probe.py
+    sweeps them on validation scenes)."""
     from ..pipelines.alignedgen import AlignedGenPipeline
 
-    aligned = AlignedGenPipeline.from_pipe(b.pipe)
+    aligned = AlignedGenPipeline.from_pipe(b.pipe, **(options or {}))
     batch = 3
     agree, adh = {"off": [], "on": []}, {"off": [], "on": []}
     for i in range(b.n):
