@@ -92,7 +92,8 @@ def test_shipped_model_loads_offline_and_generates_fast(name, monkeypatch):
 @pytest.mark.parametrize("arch", ["sd", "flux"])
 def test_training_smoke_saves_resumes_and_reloads(arch, tmp_path):
     out, state = tmp_path / "model", tmp_path / "state"
-    kw = dict(vae_steps=3, vae_batch=4, batch=4, size=32, tiny=True, state_dir=state, ckpt_every=2, threads=1, lr=2e-3)
+    kw = dict(vae_steps=3, vae_batch=4, batch=4, size=32, tiny=True, state_dir=state, ckpt_every=2, threads=1, lr=2e-3,
+              background_dropout=0.5)
     t0 = time.time()
     r1 = train(arch, out, steps=4, **kw)
     assert (out / "model_index.json").is_file() and np.isfinite(r1["final_loss_avg"])
