@@ -118,11 +118,13 @@ def bench_entropy(b: Bench) -> list[dict]:
     return rows
 
 
-def bench_softpag(b: Bench) -> list[dict]:
+def bench_softpag(b: Bench, options: Optional[dict] = None) -> list[dict]:
+    """options: SoftPAGPipeline options over the bench's (the model's default heads, w = 3)."""
     from ..pipelines.headhunter import sharpness
     from ..pipelines.softpag import SoftPAGPipeline
 
-    pag = SoftPAGPipeline.from_pipe(b.pipe, heads=b.model.default_heads, scale=3.0)
+    options = {"heads": b.model.default_heads, "scale": 3.0, **(options or {})}
+    pag = SoftPAGPipeline.from_pipe(b.pipe, **options)
     scenes = b.scenes()
     off, on = [], []
     for i, scene in enumerate(scenes):
