@@ -19,7 +19,7 @@ import numpy as np
 from attnlab.demo import runs
 from attnlab.toyworld.parser import adherence, parse
 from attnlab.toyworld.scenes import (OBJECT_COLOURS, caption, ground_truth, referring_expressions, render,
-                                     sample_scene)
+                                     sample_scene, without_background)
 
 SEED_BASE = 500_000
 OUT = Path(__file__).resolve().parent / "results" / "demo_defaults.json"
@@ -60,15 +60,16 @@ def freeswim(store, model, n):
 
 
 def alignedgen(store, model, n):
+    """As the bench: captions without their background clause, agreement with the reference image's parse."""
     rows = []
     for k in range(n):
         scenes = [sample_scene(SEED_BASE + 300 + 3 * k + j, n_objects=1) for j in range(3)]
-        prompts = [caption(scenes[0])] + [caption(sc).rsplit(" on ", 1)[0] for sc in scenes[1:]]
+        prompts = [without_background(caption(sc)) for sc in scenes]
         plain, aligned, _ = runs.run_alignedgen(store, model, "\n".join(prompts), 20, 0)
         row = {"prompts": prompts}
         for name, items in (("off", plain), ("on", aligned)):
             parsed = [parse(img) for img, _ in items]
-            ref = scenes[0].background
+            ref = parsed[0].background
             row[name] = float(np.mean([p.background.style == ref.style and set(p.background.colours) == set(ref.colours)
                                        for p in parsed[1:]]))
             row[f"{name}_adherence"] = float(np.mean([adherence(p, sc)["object_rate"]

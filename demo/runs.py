@@ -208,7 +208,7 @@ def run_refam(store: ModelStore, model: str, image, expression: str, noise: floa
 
 # --- Attentive Eraser ------------------------------------------------------------------------------
 
-MASK_RGBA = (255, 51, 102, 180)  # the painted-over colour of the Eraser tab's mask layer
+MASK_RGBA = (0, 0, 0, 200)  # the painted-over colour of the Eraser tab's mask layer (the brush's)
 
 
 def eraser_scene(seed: int, size: int = 64, margin: int = 2) -> dict:
