@@ -10,15 +10,14 @@ benchmarks/results/alignedgen_probe.json.
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
 import torch
+from probe_common import record, save, validation_bench
 
 from attnlab.loading import load_model
-from attnlab.toyworld.bench import HELD_OUT, Bench, bench_alignedgen
+from attnlab.toyworld.bench import bench_alignedgen
 
-VALIDATION = 500_000
 OUT = Path(__file__).resolve().parent / "results" / "alignedgen_probe.json"
 VARIANTS = {"defaults (λ 1, AdaIN qk, every self-attention layer)": {}, "λ 2": {"scale": 2.0},
             "no AdaIN": {"adain": "none"}}
@@ -32,15 +31,11 @@ def main(argv=None):
     a = ap.parse_args(argv)
     torch.set_num_threads(1)
     model = load_model(a.model, "cpu")
-    bench = Bench(model, a.n, a.steps, VALIDATION - HELD_OUT)
+    bench = validation_bench(model, a.n, a.steps)
     res = []
     for name, options in VARIANTS.items():
-        rows = bench_alignedgen(bench, options)
-        res.append({"variant": name, "options": options, "rows": rows})
-        for r in rows:
-            print(f"{name}: {r['metric']}: {r['off']:.3f} -> {r['on']:.3f} (n {r['n']})", flush=True)
-    OUT.parent.mkdir(parents=True, exist_ok=True)
-    OUT.write_text(json.dumps({"model": a.model, "n": a.n, "steps": a.steps, "variants": res}, indent=1) + "\n")
+        record(res, name, bench_alignedgen(bench, options), options=options)
+    save(OUT, a, res)
 
 
 if __name__ == "__main__":

@@ -9,15 +9,14 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 from pathlib import Path
 
 import torch
+from probe_common import record, save, validation_bench
 
 from attnlab.loading import load_model
-from attnlab.toyworld.bench import HELD_OUT, Bench, bench_softpag
+from attnlab.toyworld.bench import bench_softpag
 
-VALIDATION = 500_000
 OUT = Path(__file__).resolve().parent / "results" / "softpag_probe.json"
 # (name, guidance of the stock sampler, SoftPAG options); the model's default heads are its mid block
 VARIANTS = [("defaults (mid block, w 3), CFG 4", 4.0, {}),
@@ -37,12 +36,9 @@ def main(argv=None):
     res = []
     for name, guidance, options in VARIANTS:
         m = dataclasses.replace(model, call_kwargs={**model.call_kwargs, "guidance_scale": guidance})
-        rows = bench_softpag(Bench(m, a.n, a.steps, VALIDATION - HELD_OUT), options)
-        res.append({"variant": name, "guidance": guidance, "options": options, "rows": rows})
-        for r in rows:
-            print(f"{name}: {r['metric']}: {r['off']:.3f} -> {r['on']:.3f} (n {r['n']})", flush=True)
-    OUT.parent.mkdir(parents=True, exist_ok=True)
-    OUT.write_text(json.dumps({"model": a.model, "n": a.n, "steps": a.steps, "variants": res}, indent=1) + "\n")
+        record(res, name, bench_softpag(validation_bench(m, a.n, a.steps), options), guidance=guidance,
+               options=options)
+    save(OUT, a, res)
 
 
 if __name__ == "__main__":
