@@ -7,8 +7,8 @@ Prompts are captions of held-out scenes (seeds from 10 000 on); images are read 
 Metrics (off → on):
   entropy     object adherence (colour + shape present) and background style, at 0.5× and 2× the native size
   softpag     object adherence and sharpness (variance of the Laplacian) at the native size
-  refam       mIoU / oIoU of the referring-expression masks, pointing (heatmap peak on the target); off = the plain cross-attention map (no stop-word
-              filtering, no magnets, no sink handling), on = RefAM
+  refam       mIoU / oIoU of the referring-expression masks, and pointing (the heatmap's peak on the target);
+              off = the plain cross-attention map (no stop-word filtering, no magnets, no sink handling), on = RefAM
   eraser      object-colour leakage (share of mask pixels whose nearest palette colour, objects and backgrounds,
               is the removed object's colour) and PSNR inside
               the mask against the scene rendered without the object; off = plain inpainting (s = 0)

@@ -30,15 +30,12 @@ from .models import load_toy_pipeline
 SAMPLE_OFFSET = 200_000_000  # training indices of this phase (the VAE's start at 100 000 000, the denoiser's at 0)
 
 
-def clean_latent_prediction(pipe, lat: torch.Tensor, caps: list[str], t: torch.Tensor, noise: torch.Tensor,
-                            guidance: float) -> torch.Tensor:
-    """The UNet's guided x0 prediction for ``lat`` noised to ``t`` (v-prediction): sqrt(a) x_t - sqrt(1-a) v."""
-    sch = pipe.scheduler
-    ac = sch.alphas_cumprod.to(lat)[t].view(-1, 1, 1, 1)
+def clean_latent_prediction(pipe, lat: torch.Tensor, cond: torch.Tensor, uncond: torch.Tensor, t: torch.Tensor,
+                            noise: torch.Tensor, guidance: float) -> torch.Tensor:
+    """The UNet's guided x0 prediction for ``lat`` noised to ``t`` (v-prediction): sqrt(a) x_t - sqrt(1-a) v.
+    cond / uncond: the captions' and the empty caption's text embeddings, one row per latent."""
+    ac = pipe.scheduler.alphas_cumprod.to(lat)[t].view(-1, 1, 1, 1)
     noisy = ac.sqrt() * lat + (1 - ac).sqrt() * noise
-    cond = T._encode_text_sd({"tokenizer": pipe.tokenizer, "text_encoder": pipe.text_encoder}, caps, "cpu")
-    uncond = T._encode_text_sd({"tokenizer": pipe.tokenizer, "text_encoder": pipe.text_encoder}, [""] * len(caps),
-                               "cpu")
     v_c, v_u = pipe.unet(torch.cat([noisy, noisy]), torch.cat([t, t]), torch.cat([cond, uncond])).sample.chunk(2)
     v = v_u + guidance * (v_c - v_u)
     return ac.sqrt() * noisy - (1 - ac).sqrt() * v
@@ -67,6 +64,9 @@ def tune_decoder(model: str | Path, out: str | Path, *, steps: int = 1500, batch
     data = T.StepBatches(batch, size, SAMPLE_OFFSET)
     gen = torch.Generator().manual_seed(seed)
     n_clean = int(round(clean_share * batch))
+    text = {"tokenizer": pipe.tokenizer, "text_encoder": pipe.text_encoder}
+    with torch.no_grad():
+        uncond = T._encode_text_sd(text, [""], "cpu").expand(batch - n_clean, -1, -1)
     t0, avg = time.time(), None
     for step in range(steps):
         for g in opt.param_groups:
@@ -77,7 +77,8 @@ def tune_decoder(model: str | Path, out: str | Path, *, steps: int = 1500, batch
             k = batch - n_clean
             t = torch.randint(0, t_max + 1, (k,), generator=gen)
             noise = torch.randn(lat[:k].shape, generator=gen)
-            pred = clean_latent_prediction(pipe, lat[:k], caps[:k], t, noise, guidance)
+            cond = T._encode_text_sd(text, caps[:k], "cpu")
+            pred = clean_latent_prediction(pipe, lat[:k], cond, uncond, t, noise, guidance)
             z = torch.cat([pred, lat[k:]]) / scale
         vae.decoder.train()
         rec = vae.decode(z).sample
