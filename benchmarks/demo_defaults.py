@@ -17,8 +17,9 @@ from pathlib import Path
 import numpy as np
 
 from attnlab.demo import runs
+from attnlab.toyworld.bench import object_leakage
 from attnlab.toyworld.parser import adherence, parse
-from attnlab.toyworld.scenes import (OBJECT_COLOURS, caption, ground_truth, referring_expressions, render,
+from attnlab.toyworld.scenes import (caption, ground_truth, referring_expressions, render,
                                      sample_scene, without_background)
 
 SEED_BASE = 500_000
@@ -80,7 +81,6 @@ def alignedgen(store, model, n):
 
 def eraser(store, model, n):
     rows = []
-    palette = np.array(list(OBJECT_COLOURS.values()), np.float64)
     for k in range(n):
         seed = SEED_BASE + 400 + k
         value = runs.eraser_scene(seed)
@@ -89,12 +89,11 @@ def eraser(store, model, n):
         size = inp.size[0]
         truth = ground_truth(scene, size)[0]["mask"]
         clean = np.asarray(render(dataclasses.replace(scene, objects=scene.objects[1:]), size), np.float64)
-        colour = np.array(OBJECT_COLOURS[scene.objects[0].colour], np.float64)
         row = {"scene_seed": seed}
         for name, img in (("off", before), ("on", after)):
-            px = np.asarray(img.convert("RGB").resize((size, size)), np.float64)
-            nearest = np.linalg.norm(px[truth][:, None] - palette, axis=-1).argmin(-1)
-            row[f"{name}_leakage"] = float(np.mean(np.all(palette[nearest] == colour, axis=-1)))
+            img = img.convert("RGB").resize((size, size))
+            row[f"{name}_leakage"] = object_leakage(img, truth, scene.objects[0].colour)
+            px = np.asarray(img, np.float64)
             row[name] = float(np.abs(px[truth] - clean[truth]).mean())  # mean abs error in the mask (lower = better)
         rows.append(row)
     return rows

@@ -161,6 +161,15 @@ def _psnr(a: np.ndarray, b: np.ndarray) -> float:
     return 99.0 if mse == 0 else 10 * np.log10(255.0 ** 2 / mse)
 
 
+def object_leakage(image, mask: np.ndarray, colour: str) -> float:
+    """Share of the pixels of ``mask`` whose nearest palette colour is the removed object's ``colour``. Background
+    colours are in the palette too: a navy dot must not count as a leaked blue object."""
+    palette = np.array(list(OBJECT_COLOURS.values()) + list(BACKGROUND_COLOURS.values()), np.float64)
+    px = np.asarray(image.convert("RGB"), np.float64)[mask]
+    nearest = np.linalg.norm(px[:, None] - palette, axis=-1).argmin(-1)
+    return float(np.mean(np.all(palette[nearest] == np.array(OBJECT_COLOURS[colour], np.float64), axis=-1)))
+
+
 def bench_eraser(b: Bench) -> list[dict]:
     from ..pipelines.eraser import AttentiveEraserPipeline, default_mode
 
@@ -177,15 +186,10 @@ def bench_eraser(b: Bench) -> list[dict]:
         truth = ground_truth(scene, size)[target]["mask"]
         mask = Image.fromarray((truth * 255).astype(np.uint8))
         clean = np.asarray(render(dataclasses.replace(scene, objects=scene.objects[1:]), size))
-        colour = np.array(OBJECT_COLOURS[scene.objects[target].colour], np.float64)
-        # Background colours are in the palette too: a navy dot must not count as a leaked blue object.
-        palette = np.array(list(OBJECT_COLOURS.values()) + list(BACKGROUND_COLOURS.values()), np.float64)
         for name, er in erasers.items():
             out = er(render(scene, size), mask, prompt="", num_inference_steps=b.steps,
                      strength=0.8 if mode == "sip" else None, generator=torch.Generator().manual_seed(i)).images[0]
-            px = np.asarray(out.convert("RGB"), np.float64)[truth]
-            nearest = np.linalg.norm(px[:, None] - palette, axis=-1).argmin(-1)
-            leak[name].append(float(np.mean(np.all(palette[nearest] == colour, axis=-1))))
+            leak[name].append(object_leakage(out, truth, scene.objects[target].colour))
             psnr[name].append(_psnr(np.asarray(out.convert("RGB"))[truth], clean[truth]))
         b.say(f"eraser: {i + 1}/{len(scenes)}")
     return [_row("eraser", "object-colour leakage in the mask (lower is better)", np.mean(leak["off"]),
