@@ -213,15 +213,14 @@ MASK_RGBA = (0, 0, 0, 200)  # the painted-over colour of the Eraser tab's mask l
 
 def eraser_scene(seed: int, size: int = 64, margin: int = 2) -> dict:
     """A two-object toy scene for the Eraser tab as an ImageMask value, its first object already painted over
-    (its mask grown by ``margin`` pixels, as a careful stroke would be), so Erase shows the effect at once."""
+    (its mask grown by a ``margin``-pixel disk, as a careful stroke would be), so Erase shows the effect at once."""
+    from ..processors.eraser import dilate
     from ..toyworld.scenes import ground_truth, render, sample_scene
 
     scene = sample_scene(int(seed), n_objects=2)
     image = np.asarray(render(scene, size).convert("RGB"))
-    mask = ground_truth(scene, size)[0]["mask"]
-    if margin > 0:
-        grown = torch.nn.functional.max_pool2d(torch.from_numpy(mask)[None, None].float(), 2 * margin + 1, 1, margin)
-        mask = grown[0, 0].numpy() > 0
+    obj = torch.from_numpy(ground_truth(scene, size)[0]["mask"])[None, None].float()
+    mask = dilate(obj, margin)[0, 0].numpy() > 0.5
     layer = np.zeros((size, size, 4), np.uint8)
     layer[mask] = MASK_RGBA
     alpha = layer[..., 3:].astype(np.float32) / 255.0
