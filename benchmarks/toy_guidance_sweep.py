@@ -3,7 +3,9 @@
     HF_HUB_OFFLINE=1 python benchmarks/toy_guidance_sweep.py [MODEL_DIR|sd] [N] [g4,g2,g4_first60,...]
 
 Prints single-object colour + shape, two-object, background style and colour rate per configuration.
-"first40" / "first60": classifier-free guidance only on the first 40 % / 60 % of the steps.
+"first40" / "first60": classifier-free guidance only on the first 40 % / 60 % of the steps; "s50": 50 steps;
+"trailing" / "karras" / "sde": the DPM-Solver++ scheduler with that timestep spacing, Karras sigmas or the SDE
+variant (a configuration's "scheduler" entry overrides the shipped scheduler config for that row only).
 """
 import sys
 
@@ -30,6 +32,12 @@ CONFIGS = {
     "g4_first60": dict(guidance_scale=4.0, callback_on_step_end=GuidanceOnlyEarly(4.0, 0.6)),
     "g4_first40": dict(guidance_scale=4.0, callback_on_step_end=GuidanceOnlyEarly(4.0, 0.4)),
     "g6_first40": dict(guidance_scale=6.0, callback_on_step_end=GuidanceOnlyEarly(6.0, 0.4)),
+    "g3": dict(guidance_scale=3.0),
+    "g5": dict(guidance_scale=5.0),
+    "g4_s50": dict(guidance_scale=4.0, num_inference_steps=50),
+    "g4_trailing": dict(guidance_scale=4.0, scheduler=dict(timestep_spacing="trailing")),
+    "g4_karras": dict(guidance_scale=4.0, scheduler=dict(use_karras_sigmas=True)),
+    "g4_sde": dict(guidance_scale=4.0, scheduler=dict(algorithm_type="sde-dpmsolver++")),
 }
 
 
@@ -42,8 +50,13 @@ def main(argv):
     if unknown:
         raise SystemExit(f"unknown configuration(s) {unknown}; choose from {list(CONFIGS)}")
     pipe = load_toy_pipeline("sd", path=path)
+    shipped_scheduler = pipe.scheduler
     for name in names:
-        kw = toy_call_kwargs("sd", **CONFIGS[name])
+        config = dict(CONFIGS[name])
+        overrides = config.pop("scheduler", None)
+        pipe.scheduler = (type(shipped_scheduler).from_config(shipped_scheduler.config, **overrides)
+                          if overrides else shipped_scheduler)
+        kw = toy_call_kwargs("sd", **config)
         r = evaluate(pipe, n=n, seed_base=500_000, call_kwargs=kw, log=lambda *a: None)["generated"]
         print(f"{name}: single {r['single_colour_shape']:.2f} two {r['two_object_both']:.2f} "
               f"background {r['background_style']:.2f} colour {r['single_colour_only']:.2f}", flush=True)
