@@ -3,9 +3,9 @@
     HF_HUB_OFFLINE=1 python benchmarks/toy_guidance_sweep.py [MODEL_DIR|sd] [N] [g4,g2,g4_first60,...]
 
 Prints single-object colour + shape, two-object, background style and colour rate per configuration.
-"first40" / "first60": classifier-free guidance only on the first 40 % / 60 % of the steps; "s50": 50 steps;
-"trailing" / "karras" / "sde": the DPM-Solver++ scheduler with that timestep spacing, Karras sigmas or the SDE
-variant (a configuration's "scheduler" entry overrides the shipped scheduler config for that row only).
+"first40" / "first60": classifier-free guidance only on the first 40 % / 60 % of the steps; "_s50": 50 steps;
+"_trailing" / "_karras" / "_sde": the DPM-Solver++ scheduler with trailing timestep spacing, Karras sigmas or the
+SDE variant (a configuration's "scheduler" entry overrides the shipped scheduler config for that row only).
 """
 import sys
 
