@@ -205,3 +205,15 @@ def test_bench_runs_landed_methods_and_skips_the_rest(tmp_path, capsys):
     text = capsys.readouterr().out
     assert "| refam | mIoU |" in text
     assert _code(["bench", "--methods", "nope"]) == 2
+
+
+def test_bench_eraser_options_reach_the_eraser_run_only():
+    from attnlab.loading import load_model
+    from attnlab.toyworld.bench import Bench, bench_eraser
+
+    bench = Bench(load_model("tiny-sd15", "cpu", progress_bar=False), 1, 2, 0)
+    as_plain = bench_eraser(bench, {"sarg_scale": 0.0})  # the "on" run made plain inpainting: off == on
+    assert all(r["off"] == r["on"] for r in as_plain)
+    default = bench_eraser(bench)
+    assert [r["off"] for r in default] == [r["off"] for r in as_plain]
+    assert any(r["off"] != r["on"] for r in default)

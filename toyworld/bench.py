@@ -170,7 +170,9 @@ def object_leakage(image, mask: np.ndarray, colour: str) -> float:
     return float(np.mean(np.all(palette[nearest] == np.array(OBJECT_COLOURS[colour], np.float64), axis=-1)))
 
 
-def bench_eraser(b: Bench) -> list[dict]:
+def bench_eraser(b: Bench, options: Optional[dict] = None) -> list[dict]:
+    """options: AttentiveEraserPipeline options of the "on" run (None: SARG scale 9, as the bench runs it;
+    benchmarks/eraser_probe.py sweeps them on validation scenes). "off" is plain inpainting (SARG scale 0)."""
     from ..pipelines.eraser import AttentiveEraserPipeline, default_mode
 
     if b.family != "unet":
@@ -178,7 +180,7 @@ def bench_eraser(b: Bench) -> list[dict]:
     size = b.native[0]
     mode = default_mode(b.pipe)
     erasers = {"off": AttentiveEraserPipeline.from_pipe(b.pipe, sarg_scale=0.0, mode=mode),
-               "on": AttentiveEraserPipeline.from_pipe(b.pipe, sarg_scale=9.0, mode=mode)}
+               "on": AttentiveEraserPipeline.from_pipe(b.pipe, **{"sarg_scale": 9.0, "mode": mode, **(options or {})})}
     leak, psnr = {"off": [], "on": []}, {"off": [], "on": []}
     scenes = b.scenes(n_objects=2)
     for i, scene in enumerate(scenes):
