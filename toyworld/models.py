@@ -21,7 +21,7 @@ _ALIASES = {"toy-sd": "sd", "toy-flux": "flux", "toy_sd": "sd", "toy_flux": "flu
 _PIPELINE_CLASSES = {"sd": "StableDiffusionPipeline", "flux": "FluxPipeline"}
 # Sampling settings the evaluation numbers in docs/toyworld.md were measured with.
 _CALL_DEFAULTS = {
-    "sd": {"num_inference_steps": 25, "guidance_scale": 3.0},
+    "sd": {"num_inference_steps": 25, "guidance_scale": 2.5},
     "flux": {"num_inference_steps": 20, "guidance_scale": 1.0, "true_cfg_scale": 4.0, "negative_prompt": "",
              "max_sequence_length": 32},
 }
