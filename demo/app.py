@@ -99,9 +99,9 @@ def build_app(store: runs.ModelStore | None = None):
                     ra_image = gr.Image(type="pil", label="Image", height=240, elem_id="ra-image",
                                         elem_classes=["attnlab-pixels"])
                     with gr.Row():
-                        ra_seed = gr.Number(500507, precision=0, label="Scene seed")
+                        ra_seed = gr.Number(500505, precision=0, label="Scene seed")
                         ra_scene = gr.Button("Make a toy scene", elem_id="ra-scene")
-                    ra_expr = gr.Textbox("the large circle", label="Referring expression", elem_id="ra-expr")
+                    ra_expr = gr.Textbox("the square", label="Referring expression", elem_id="ra-expr")
                     with gr.Row():
                         ra_noise = gr.Slider(0.05, 0.95, 0.5, step=0.05, label="Noise level")
                         ra_gas = gr.Radio(["drop", "suppress", "redirect"], value="drop", label="Attention sinks")
@@ -138,7 +138,7 @@ def build_app(store: runs.ModelStore | None = None):
         with gr.Tab("AlignedGen", elem_id="tab-alignedgen"):
             with gr.Row():
                 with gr.Column():
-                    ag_prompts = gr.Textbox("a medium red star\na medium red square\na medium purple square",
+                    ag_prompts = gr.Textbox("a small orange star\na small orange circle\na large red star",
                                             lines=4, label="Prompts, one per line (the first is the style reference)",
                                             elem_id="ag-prompts")
                     ag_steps, ag_seed = _steps_seed()

@@ -179,6 +179,9 @@ def _browser(p):
 
 def _shot(page, name):
     if os.environ.get("ATTNLAB_SCREENSHOTS") == "1":
+        # galleries fill asynchronously: a shot taken before their images decode shows blank tiles
+        page.wait_for_function("() => Array.from(document.images).every(i => i.complete && i.naturalWidth > 0)",
+                               timeout=30_000)
         page.screenshot(path=str(SHOTS / f"demo_{name}.png"), full_page=True)
 
 
