@@ -16,7 +16,7 @@ INTRO = ("Every tab runs a method of the pack off and on with the same seed. The
          "trained by the pack on its synthetic toy world (coloured shapes on patterned backgrounds, 48 px): "
          "prompts in that world's grammar work best, e.g. *a large red star on a plain white background*. "
          "It gets the object colour right and the shape nearly four times in five (one object: colour 100 %, "
-         "colour and shape 77.5 % of held-out prompts; two objects both right 55 %); *toy-flux* is its FLUX-architecture sibling. Each tab's default input is "
+         "colour and shape 77.5 % of held-out prompts; two objects both right 51 %); *toy-flux* is its FLUX-architecture sibling. Each tab's default input is "
          "one example on which the method's effect shows (picked on validation scenes by "
          "`benchmarks/demo_defaults.py`); what each method does on average is measured in docs/toyworld.md. "
          "The *tiny-** models have random weights (plumbing only). Type a local diffusers folder (or a hub "
