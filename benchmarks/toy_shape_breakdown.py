@@ -32,9 +32,10 @@ def main(path: str | None = None, n: int = 300) -> None:
         for scene, image, trip in zip(chunk, images, trips):
             want, parsed = scene.objects[0], parse(image)
             ok = adherence(parsed, scene)["objects"][0]
+            ok_through_vae = adherence(parse(trip), scene)["objects"][0]
             for key in (("shape", want.shape), ("size", want.size)):
                 hits[key].append(ok)
-                ceiling[key].append(adherence(parse(trip), scene)["objects"][0])
+                ceiling[key].append(ok_through_vae)
             if want.shape == "square" and not ok:
                 same = [o for o in parsed.objects if o.colour == want.colour]
                 o = max(same, key=lambda o: o.area) if same else None
